@@ -1,0 +1,142 @@
+"""The graph layer: map a fitted harmonizer over a store's chunks with Dask and write the result back.
+
+Per subject: `images[i]` (chunks of the store) -> overlap by the model's halo (zeros beyond the grid)
+-> one task per chunk runs the model on chunk + halo and returns the chunk -> written to the same
+chunk of `harmonized[i]`. Every write covers exactly one Zarr chunk, so concurrent writers never
+share a chunk and a rerun (or a task the scheduler re-runs after a worker died) rewrites the same
+bytes. The model is loaded once per worker process (cached by its checksum), never shipped inside
+the graph. `harmonized_status` is set only after a subject's writes have all finished.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+from distributed import Client
+
+from harmonize.cluster import gather_with_progress, gpu_resources
+from harmonize.io import schema as S
+from harmonize.io.store import CohortStore, read_volume
+from harmonize.models import load_model, model_checksum
+
+_CACHE: dict[str, object] = {}
+_CACHE_LOCK = threading.Lock()
+LOADS = {"count": 0}  # per process: how many times a model file was read (tests check "once per worker")
+
+
+def cached_model(model_dir: str, checksum: str):
+    """The model at `model_dir`, loaded at most once per process for a given checksum."""
+    with _CACHE_LOCK:
+        model = _CACHE.get(checksum)
+        if model is None:
+            model = load_model(model_dir)
+            if model.checksum_ != checksum:
+                raise RuntimeError(f"model at {model_dir} changed while applying (checksum "
+                                   f"{model.checksum_}, expected {checksum}); rerun apply")
+            _CACHE.clear()  # one model per worker at a time keeps memory flat
+            _CACHE[checksum] = model
+            LOADS["count"] += 1
+        return model
+
+
+def load_count() -> int:
+    return LOADS["count"]
+
+
+def _subject_scale(model_dir: str, checksum: str, images_path: str, position: int, mask: np.ndarray) -> float:
+    model = cached_model(model_dir, checksum)
+    return float(model.subject_scale(read_volume(images_path, position), mask))
+
+
+def _harmonize_chunk(block: np.ndarray, model_dir: str, checksum: str, site: str, scale: float,
+                     reference_site: str, halo: int, block_info=None) -> np.ndarray:
+    model = cached_model(model_dir, checksum)
+    location = block_info[None]["array-location"][1:]
+    spatial = tuple(slice(a, b) for a, b in location)
+    out = model.harmonize_block(block[0], site, scale, spatial, reference_site)
+    return out[None]
+
+
+def harmonized_graph(images: da.Array, mask: da.Array, model_dir: str, checksum: str, halo: int,
+                     site: str, scale: float, reference_site: str) -> da.Array:
+    """Lazy harmonized volume (1, x, y, z) for one subject's `images[i:i+1]` (chunked like the store)."""
+    depth = {0: 0, 1: halo, 2: halo, 3: halo}
+    boundary = {0: "none", 1: 0.0, 2: 0.0, 3: 0.0}
+    padded = da.overlap.overlap(images, depth=depth, boundary=boundary) if halo else images
+    out = padded.map_blocks(_harmonize_chunk, model_dir, checksum, site, scale, reference_site, halo,
+                            chunks=images.chunks, dtype=np.float32, meta=np.empty((0, 0, 0, 0), np.float32))
+    return out * mask[None].astype(np.float32)
+
+
+@dataclass
+class ApplyResult:
+    model_dir: str
+    reference_site: str
+    harmonized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"apply: {len(self.harmonized)} subject(s) harmonized to site {self.reference_site}, "
+                f"{len(self.skipped)} already done with this model")
+
+
+def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, client: Client,
+                reference_site: str | None = None, overwrite: bool = False,
+                progress: bool = True) -> ApplyResult:
+    """Harmonize every ingested subject of the store not yet harmonized with this model/reference."""
+    store = CohortStore(store_path)
+    model_dir = str(Path(model_dir).resolve())
+    checksum = model_checksum(model_dir)
+    model = load_model(model_dir)
+    reference = reference_site or model.reference_site_
+    model.site_code(reference)  # fails early, with the known sites, if the reference is unknown
+    identity = {"model_checksum": checksum, "model_kind": model.kind, "reference_site": reference,
+                "model_dir": os.path.relpath(model_dir, store.path)}
+    target = store.ensure_volume_array(S.HARMONIZED)
+    previous = {k: target.attrs.get(k) for k in ("model_checksum", "reference_site")}
+    table = store.table()
+    if overwrite or (previous["model_checksum"] not in (None, checksum)) or (
+            previous["reference_site"] not in (None, reference)):
+        # another model/reference: every subject's harmonized data is stale, say so before writing
+        store.set_field(S.HARMONIZED_STATUS, np.arange(len(table)), [S.PENDING] * len(table))
+        table = store.table()
+    target.attrs.update(identity)
+    ingested = table[S.INGEST_STATUS].to_numpy() == S.DONE
+    todo = np.flatnonzero(ingested & (table[S.HARMONIZED_STATUS].to_numpy() != S.DONE))
+    result = ApplyResult(model_dir=model_dir, reference_site=reference,
+                         skipped=table[S.SUBJECT][ingested & ~np.isin(np.arange(len(table)), todo)].tolist())
+    unknown = sorted(set(table[S.SITE].iloc[todo]) - set(model.sites_))
+    if unknown:
+        raise ValueError(f"subjects from site(s) {unknown} cannot be harmonized by this model (trained on "
+                         f"{model.sites_}); refit including them, or apply to a store without them")
+    if len(todo) == 0:
+        return result
+    mask = store.mask()
+    images_path = store.array_path(S.IMAGES)
+    resources = gpu_resources(client)
+    mask_future = client.scatter(mask, broadcast=True)
+    scale_futures = [client.submit(_subject_scale, model_dir, checksum, images_path, int(i), mask_future,
+                                   pure=False, resources=resources) for i in todo]
+    scales = gather_with_progress(client, scale_futures, "intensity reference", show=progress)
+    images = da.from_zarr(zarr.open_array(images_path, mode="r"))
+    mask_da = da.from_array(mask, chunks=store.chunks)
+    target = zarr.open_array(store.array_path(S.HARMONIZED), mode="r+")
+    halo = int(model.halo)
+    futures = []
+    for i, scale in zip(todo, scales, strict=True):
+        lazy = harmonized_graph(images[i:i + 1], mask_da, model_dir, checksum, halo,
+                                str(table[S.SITE].iat[i]), scale, reference)
+        region = (slice(int(i), int(i) + 1),) + (slice(None),) * 3
+        write = da.store(lazy, target, regions=region, lock=False, compute=False)
+        # resources on compute(): dask.annotate is dropped by graph optimization (dask#7036)
+        futures.append(client.compute(write, resources=resources))
+    gather_with_progress(client, futures, "apply", show=progress)
+    store.set_field(S.HARMONIZED_STATUS, todo, [S.DONE] * len(todo))
+    result.harmonized = table[S.SUBJECT].iloc[todo].tolist()
+    return result

@@ -1,0 +1,129 @@
+"""Find T1w volumes and their covariates in a BIDS-like folder.
+
+    BIDS_DIR/participants.tsv                    participant_id, site, age, sex (other columns ignored)
+    BIDS_DIR/sub-<label>/anat/sub-<label>_T1w.nii[.gz]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harmonize.io import schema as S
+
+LABEL = re.compile(r"^[A-Za-z0-9]+$")  # the BIDS label pattern: no separators, no '..'
+REQUIRED_COLUMNS = ("participant_id", S.SITE)
+OPTIONAL_COLUMNS = (S.AGE, S.SEX)
+
+
+@dataclass
+class Candidate:
+    subject: str
+    path: Path  # absolute
+    relpath: str  # relative to the BIDS root, the only path that is stored
+    site: str
+    age: float
+    sex: str
+
+
+@dataclass
+class Discovery:
+    candidates: list[Candidate] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # {"subject", "path", "reason"}
+
+
+class CohortError(ValueError):
+    """The cohort folder as a whole is unusable (not one subject's problem)."""
+
+
+def read_participants(bids_dir: Path) -> pd.DataFrame:
+    tsv = bids_dir / "participants.tsv"
+    if not tsv.exists():
+        raise CohortError(f"{tsv} is missing: it must list participant_id and site (age, sex optional).")
+    try:
+        table = pd.read_csv(tsv, sep="\t", dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise CohortError(f"{tsv}: cannot be read as a tab-separated table ({exc}).") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise CohortError(f"{tsv}: missing column(s) {missing}; found {list(table.columns)}. "
+                          f"Required: {list(REQUIRED_COLUMNS)}; optional: {list(OPTIONAL_COLUMNS)}.")
+    keep = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in table.columns]
+    table = table[keep].copy()  # only declared covariates travel any further
+    table["participant_id"] = table["participant_id"].str.strip().str.removeprefix("sub-")
+    return table
+
+
+def _parse_age(value: str) -> float:
+    try:
+        age = float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+    return age if np.isfinite(age) else float("nan")
+
+
+def discover(bids_dir: str | os.PathLike) -> Discovery:
+    """List usable (subject, file, covariates) and everything set aside with the reason."""
+    root = Path(bids_dir).resolve()
+    if not root.is_dir():
+        raise CohortError(f"{root} is not a folder. Point ingest at a BIDS folder with participants.tsv.")
+    table = read_participants(root)
+    found = Discovery()
+    rows = {}
+    for _, row in table.iterrows():
+        label = row["participant_id"]
+        if not LABEL.match(label):
+            found.rejected.append({"subject": label, "path": "participants.tsv",
+                                   "reason": f"participant_id {label!r} is not a BIDS label "
+                                             "(letters and digits only)"})
+            continue
+        if label in rows:
+            found.rejected.append({"subject": label, "path": "participants.tsv",
+                                   "reason": "participant_id listed twice; both rows ignored"})
+            rows[label] = None
+            continue
+        rows[label] = row
+    images = {}
+    for sub_dir in sorted(root.glob("sub-*")):
+        label = sub_dir.name.removeprefix("sub-")
+        files = sorted((sub_dir / "anat").glob(f"sub-{label}_T1w.nii*")) if LABEL.match(label) else []
+        files = [f for f in files if f.name.endswith((".nii", ".nii.gz"))]
+        if not LABEL.match(label):
+            found.rejected.append({"subject": label, "path": sub_dir.name,
+                                   "reason": "folder name is not sub-<label> with a BIDS label"})
+        elif not files:
+            found.rejected.append({"subject": label, "path": sub_dir.name,
+                                   "reason": f"no anat/sub-{label}_T1w.nii[.gz] found"})
+        elif len(files) > 1:
+            found.rejected.append({"subject": label, "path": sub_dir.name,
+                                   "reason": f"{len(files)} T1w files ({[f.name for f in files]}); keep one"})
+        else:
+            images[label] = files[0]
+    for label, path in images.items():
+        rel = str(path.relative_to(root))
+        row = rows.get(label)
+        if label not in rows:
+            found.rejected.append({"subject": label, "path": rel,
+                                   "reason": "not listed in participants.tsv; add a row with its site"})
+            continue
+        if row is None:
+            continue
+        site = str(row[S.SITE]).strip()
+        if not site or site.lower() == "n/a":
+            found.rejected.append({"subject": label, "path": rel,
+                                   "reason": "participants.tsv gives no site for this subject"})
+            continue
+        found.candidates.append(Candidate(
+            subject=label, path=path, relpath=rel, site=site,
+            age=_parse_age(row[S.AGE]) if S.AGE in row else float("nan"),
+            sex=str(row[S.SEX]).strip() if S.SEX in row else ""))
+    for label, row in rows.items():
+        if row is not None and label not in images and not (root / f"sub-{label}").exists():
+            found.rejected.append({"subject": label, "path": "participants.tsv",
+                                   "reason": f"listed in participants.tsv but no folder sub-{label}"})
+    return found

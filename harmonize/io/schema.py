@@ -1,0 +1,64 @@
+"""The cohort store's schema, spelled out in one place.
+
+A cohort store is a Zarr v3 group (a folder) that xarray opens as one Dataset:
+
+    images      (subject, x, y, z)  float32   source intensities on the reference grid; NaN = not written
+    harmonized  (subject, x, y, z)  float32   output of `harmonize apply` (attrs: model checksum, reference site)
+    mask        (x, y, z)           uint8     brain mask of the reference grid
+    parcellation(x, y, z)           int16     regions for regional features (0 = outside)
+    affine      (subject, row, col) float64   each subject's original voxel-to-world affine
+    subject     (subject)           string    BIDS participant label, the index
+    site, sex   (subject)           string    covariates (variable-length UTF-8)
+    age         (subject)           float64
+    source_sha256, source_path (subject) string   provenance: content checksum, path relative to the input root
+    ingest_status, harmonized_status (subject) int8   written *after* the data they describe
+    corex_scores (subject, factor), corex_weights (factor, region), corex_tcs (factor)
+
+Group attrs hold the schema version, the reference grid (shape, affine, voxel size) and the chunk shape.
+No other module spells out these names: import them from here.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+# dimensions
+SUBJECT = "subject"
+SPATIAL_DIMS = ("x", "y", "z")
+VOLUME_DIMS = (SUBJECT, *SPATIAL_DIMS)
+FACTOR = "factor"
+REGION = "region"
+
+# arrays
+IMAGES = "images"
+HARMONIZED = "harmonized"
+MASK = "mask"
+PARCELLATION = "parcellation"
+AFFINE = "affine"
+SITE = "site"
+AGE = "age"
+SEX = "sex"
+SOURCE_SHA256 = "source_sha256"
+SOURCE_PATH = "source_path"
+INGEST_STATUS = "ingest_status"
+HARMONIZED_STATUS = "harmonized_status"
+COREX_SCORES = "corex_scores"
+COREX_WEIGHTS = "corex_weights"
+COREX_TCS = "corex_tcs"
+COREX_SOURCE = "corex_source"
+
+# per-subject string and numeric metadata, in the order they are stored
+STRING_FIELDS = (SUBJECT, SITE, SEX, SOURCE_SHA256, SOURCE_PATH)
+FLOAT_FIELDS = (AGE,)
+STATUS_FIELDS = (INGEST_STATUS, HARMONIZED_STATUS)
+# coordinates xarray attaches to every subject-indexed variable
+SUBJECT_COORDS = (SITE, AGE, SEX)
+
+# status codes
+PENDING = 0
+DONE = 1
+REJECTED = 2
+
+# the folder inside a store where fitted models and run reports live
+MODELS_DIR = "models"
+REPORTS_DIR = "reports"

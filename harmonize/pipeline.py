@@ -1,0 +1,219 @@
+"""The stages of a harmonization run as library functions; the CLI and notebooks call these.
+
+    simulate -> ingest -> fit -> apply -> export -> corex -> report      (demo runs them all)
+
+Every stage takes a store path and (where it computes) a distributed Client, and can run alone
+on an existing store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from distributed import Client
+
+from harmonize.apply import ApplyResult, apply_model
+from harmonize.cluster import PROGRESS_TOPIC, gpu_resources, total_threads, use_client
+from harmonize.ingest import IngestResult, ingest
+from harmonize.io import schema as S
+from harmonize.io.nifti import write_volume
+from harmonize.io.store import CohortStore, dump_json, read_volume
+from harmonize.models import MODELS, load_model
+from harmonize.simulate import CohortSpec, simulate_cohort
+
+CURRENT_MODEL = "current.json"
+
+
+# ---- fit ---------------------------------------------------------------------------------------
+def _train_task(store_path: str, kind: str, params: dict, threads: int) -> str:
+    """Runs on a worker (a GPU worker when the cluster has one): fit, save next to the store."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+        report = lambda msg: worker.log_event(PROGRESS_TOPIC, msg)  # noqa: E731
+    except ValueError:  # not on a worker
+        report = None
+    store = CohortStore(store_path)
+    dataset = store.dataset(only_ingested=True)
+    model = MODELS[kind](**{"torch_threads": threads, **params})
+    model.fit(dataset, progress=report)
+    path = store.path / S.MODELS_DIR / f"{kind}-{model.checksum_}"
+    model.save(path)
+    return str(path)
+
+
+def fit(store_path: str | os.PathLike, client: Client, kind: str = "invariant", params: dict | None = None,
+        progress: bool = True) -> Path:
+    """Train a harmonizer on the store's ingested subjects as one Dask task; returns the model folder."""
+    if kind not in MODELS:
+        raise ValueError(f"unknown model {kind!r}; choose from {sorted(MODELS)}")
+    store = CohortStore(store_path)
+    n = int((store.status(S.INGEST_STATUS) == S.DONE).sum())
+    if n < 4:
+        raise ValueError(f"{store.path} has {n} ingested subject(s); fitting needs at least 2 per site. "
+                         "Run `harmonize ingest` first.")
+    params = dict(params or {})
+    resources = gpu_resources(client)
+    # training is the only task running: let it use the cluster's threads when they share a machine
+    threads = params.pop("torch_threads", None) or (1 if resources else min(total_threads(client),
+                                                                           os.cpu_count() or 1))
+    bar = _ProgressBar(desc=f"fit {kind}", enabled=progress)
+    client.subscribe_topic(PROGRESS_TOPIC, bar.handle)
+    try:
+        future = client.submit(_train_task, str(store.path), kind, params, threads, pure=False,
+                               resources=resources, key=f"fit-{kind}-{time.time_ns()}")
+        path = Path(future.result())
+    finally:
+        client.unsubscribe_topic(PROGRESS_TOPIC)
+        bar.close()
+    dump_json(store.path / S.MODELS_DIR / CURRENT_MODEL, {"path": os.path.relpath(path, store.path)})
+    return path
+
+
+class _ProgressBar:
+    def __init__(self, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=None, desc=desc, unit="step", disable=not enabled, file=sys.stderr)
+
+    def handle(self, event) -> None:
+        msg = event[1] if isinstance(event, tuple) else event
+        if self.bar.total is None:
+            self.bar.total = msg["steps"]
+        self.bar.n = msg["step"]
+        self.bar.set_postfix({k: f"{msg[k]:.3g}" for k in ("loss", "recon", "kl", "penalty", "val_loss")
+                              if k in msg}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def current_model(store_path: str | os.PathLike) -> Path:
+    store = CohortStore(store_path)
+    pointer = store.path / S.MODELS_DIR / CURRENT_MODEL
+    if not pointer.exists():
+        raise FileNotFoundError(f"{store.path} has no fitted model yet: run `harmonize fit {store.path}`")
+    return (store.path / json.loads(pointer.read_text())["path"]).resolve()
+
+
+# ---- apply / export ------------------------------------------------------------------------------
+def apply(store_path: str | os.PathLike, client: Client, model_dir: str | os.PathLike | None = None,
+          reference_site: str | None = None, overwrite: bool = False, progress: bool = True) -> ApplyResult:
+    model_dir = model_dir or current_model(store_path)
+    return apply_model(store_path, model_dir, client, reference_site, overwrite, progress)
+
+
+def _export_one(array_path: str, position: int, grid_attrs: dict, affine: np.ndarray, path: str) -> str:
+    from harmonize.io.store import Grid
+
+    write_volume(read_volume(array_path, position), Grid.from_attrs(grid_attrs), affine, path)
+    return path
+
+
+def export(store_path: str | os.PathLike, out_dir: str | os.PathLike, client: Client,
+           progress: bool = True) -> list[Path]:
+    """Harmonized volumes -> BIDS derivative NIfTI files, each in its subject's original affine."""
+    from harmonize.cluster import gather_with_progress
+
+    store = CohortStore(store_path)
+    out = Path(out_dir)
+    table = store.table()
+    done = np.flatnonzero(store.status(S.HARMONIZED_STATUS) == S.DONE)
+    if len(done) == 0:
+        raise ValueError(f"{store.path} has no harmonized subjects yet: run `harmonize apply` first")
+    affines = store.group[S.AFFINE][:]
+    grid_attrs = store.grid.to_attrs()
+    array_path = store.array_path(S.HARMONIZED)
+    futures = []
+    for i in done:
+        sub = table[S.SUBJECT].iat[i]
+        path = out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-harmonized_T1w.nii.gz"
+        futures.append(client.submit(_export_one, array_path, int(i), grid_attrs, affines[i], str(path),
+                                     pure=False))
+    paths = [Path(p) for p in gather_with_progress(client, futures, "export", show=progress)]
+    attrs = store.group[S.HARMONIZED].attrs
+    dump_json(out / "dataset_description.json", {
+        "Name": "harmonize output", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "harmonize", "Description": f"{attrs.get('model_kind')} model "
+                         f"{attrs.get('model_checksum')}, reference site {attrs.get('reference_site')}"}]})
+    return paths
+
+
+# ---- corex ------------------------------------------------------------------------------------
+def corex(store_path: str | os.PathLike, client: Client, n_factors: int = 4, n_regions: int = 48,
+          restarts: int = 3, source: str = S.HARMONIZED, progress: bool = True) -> dict:
+    """Linear CorEx on regional mean intensities of `source` (harmonized by default); results in the store."""
+    from harmonize.corex import fit_restarts
+    from harmonize.features import make_parcellation, regional_features
+
+    store = CohortStore(store_path)
+    status = S.HARMONIZED_STATUS if source == S.HARMONIZED else S.INGEST_STATUS
+    positions = np.flatnonzero(store.status(status) == S.DONE)
+    if len(positions) < 5:
+        raise ValueError(f"{store.path}: {len(positions)} subject(s) have {source}; CorEx needs at least 5")
+    if S.PARCELLATION in store.group:
+        labels = store.group[S.PARCELLATION][...]
+    else:
+        labels = make_parcellation(store.mask(), store.grid.affine, n_regions)
+        store.write_small(S.PARCELLATION, labels, S.SPATIAL_DIMS, {"method": "kmeans-mirrored",
+                                                                    "n_regions": int(labels.max())})
+    features = regional_features(store.array_path(source), positions, labels, client, progress)
+    model, objectives = fit_restarts(features, n_factors, seeds=list(range(restarts)))
+    scores = np.full((store.n_subjects, n_factors), np.nan)
+    scores[positions] = model.transform(features)
+    store.write_small(S.COREX_SCORES, scores, (S.SUBJECT, S.FACTOR), {"coordinates": " ".join(S.SUBJECT_COORDS)})
+    store.write_small(S.COREX_WEIGHTS, model.weights_, (S.FACTOR, S.REGION))
+    store.write_small(S.COREX_TCS, np.asarray(model.tcs_), (S.FACTOR,),
+                      {"source": source, "tc": float(model.tc_), "restart_tcs": list(map(float, objectives))})
+    return {"tc": float(model.tc_), "tcs": list(map(float, model.tcs_)), "restart_tcs": objectives,
+            "n_subjects": int(len(positions)), "n_regions": int(labels.max()), "source": source}
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+def demo(workdir: str | os.PathLike = "harmonize-demo", spec: CohortSpec | None = None,
+         client: Client | None = None, cluster_spec=None, fit_params: dict | None = None,
+         progress: bool = True) -> Path:
+    """The whole job on a simulated multi-site cohort from real anatomy; returns the report folder."""
+    from harmonize.report import make_report
+
+    spec = spec or CohortSpec()
+    work = Path(workdir)
+    store_path = work / "cohort.zarr"
+    t0 = time.perf_counter()
+    timings = {}
+    log = (lambda m: print(f"harmonize demo: {m}", file=sys.stderr)) if progress else (lambda m: None)
+    log(f"simulating {len(spec.sites)} sites x {spec.subjects_per_site} subjects at "
+        f"{spec.resolution_mm:g} mm into {work}")
+    sim = simulate_cohort(work / "cohort", spec, progress=progress)
+    timings["simulate"] = time.perf_counter() - t0
+    with use_client(client, cluster_spec, quiet=not progress) as cl:
+        stages = [
+            ("ingest", lambda: ingest(sim["bids_dir"], store_path, cl, progress=progress)),
+            ("fit", lambda: fit(store_path, cl, "invariant",
+                                {"reference_site": spec.reference, **(fit_params or {})}, progress=progress)),
+            ("apply", lambda: apply(store_path, cl, reference_site=spec.reference, progress=progress)),
+            ("export", lambda: export(store_path, work / "harmonized", cl, progress=progress)),
+            ("corex", lambda: corex(store_path, cl, progress=progress)),
+        ]
+        for name, stage in stages:
+            t = time.perf_counter()
+            out = stage()
+            timings[name] = time.perf_counter() - t
+            if isinstance(out, IngestResult | ApplyResult):
+                log(out.summary())
+    t = time.perf_counter()
+    report_dir = make_report(store_path, groundtruth_dir=sim["groundtruth_dir"], timings=timings)
+    timings["report"] = time.perf_counter() - t
+    log(f"done in {time.perf_counter() - t0:.0f} s")
+    return report_dir
+
+
+def load_fitted(store_path: str | os.PathLike):
+    return load_model(current_model(store_path))
