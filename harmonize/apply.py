@@ -66,12 +66,28 @@ def _harmonize_chunk(block: np.ndarray, model_dir: str, checksum: str, site: str
 def harmonized_graph(images: da.Array, mask: da.Array, model_dir: str, checksum: str, halo: int,
                      site: str, scale: float, reference_site: str) -> da.Array:
     """Lazy harmonized volume (1, x, y, z) for one subject's `images[i:i+1]` (chunked like the store)."""
+    images = images.rechunk(_merge_small_chunks(images.chunks, halo))
     depth = {0: 0, 1: halo, 2: halo, 3: halo}
     boundary = {0: "none", 1: 0.0, 2: 0.0, 3: 0.0}
     padded = da.overlap.overlap(images, depth=depth, boundary=boundary) if halo else images
     out = padded.map_blocks(_harmonize_chunk, model_dir, checksum, site, scale, reference_site, halo,
                             chunks=images.chunks, dtype=np.float32, meta=np.empty((0, 0, 0, 0), np.float32))
-    return out * mask[None].astype(np.float32)
+    return out * mask.rechunk(images.chunks[1:])[None].astype(np.float32)
+
+
+def _merge_small_chunks(chunks: tuple[tuple[int, ...], ...], halo: int) -> tuple[tuple[int, ...], ...]:
+    """Merge a trailing chunk thinner than the halo into its neighbour.
+
+    dask's overlap would otherwise rechunk on its own and the output blocks would no longer line
+    up with the store's chunks; merging whole chunks keeps every write aligned to Zarr chunks.
+    """
+    out = []
+    for axis in chunks:
+        axis = list(axis)
+        while len(axis) > 1 and axis[-1] < halo:
+            axis[-2:] = [axis[-2] + axis[-1]]
+        out.append(tuple(axis))
+    return tuple(out)
 
 
 @dataclass

@@ -32,10 +32,11 @@ class IngestResult:
     ingested: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # listed in participants.tsv, no scan yet
 
     def summary(self) -> str:
         lines = [f"ingest: {len(self.ingested)} subject(s) written, {len(self.skipped)} already in the store, "
-                 f"{len(self.rejected)} set aside"]
+                 f"{len(self.rejected)} set aside, {len(self.waiting)} listed without a scan yet"]
         lines += [f"  rejected sub-{r['subject']} ({r['path']}): {r['reason']}" for r in self.rejected]
         return "\n".join(lines)
 
@@ -56,13 +57,18 @@ def _ingest_one(path: str, grid_attrs: dict, array_path: str, position: int) -> 
 def _reference_grid(candidates: list[bids.Candidate], rejected: list[dict]) -> Grid:
     """The grid of the first readable volume, when the store does not exist yet."""
     import nibabel as nib
+    from nibabel import orientations as ornt
 
     for cand in candidates:
         try:
             img = nib.load(str(cand.path))
             shape = tuple(int(s) for s in img.shape[:3])
             if len(img.shape) == 3 or (len(img.shape) == 4 and img.shape[3] == 1):
-                return Grid(shape, np.asarray(img.affine, float))
+                # the store's grid is that volume's grid in RAS+ axis order (lossless flips/permutations)
+                to_ras = ornt.ornt_transform(ornt.io_orientation(img.affine), ornt.axcodes2ornt("RAS"))
+                affine = np.asarray(img.affine, float) @ ornt.inv_ornt_aff(to_ras, shape)
+                ras_shape = tuple(int(shape[int(ax)]) for ax in to_ras[:, 0].argsort())
+                return Grid(ras_shape, affine)
         except Exception:  # noqa: BLE001,S112 - reported by check_header below
             continue
     raise bids.CohortError("no readable 3-D NIfTI volume found to define the reference grid")
@@ -73,7 +79,7 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
            progress: bool = True) -> IngestResult:
     """Validate and write a cohort into a store (created on first use). See the module docstring."""
     found = bids.discover(bids_dir)
-    result = IngestResult(store=str(store_path), rejected=list(found.rejected))
+    result = IngestResult(store=str(store_path), rejected=list(found.rejected), waiting=list(found.waiting))
     store_path = Path(store_path)
     new_store = not (store_path / "zarr.json").exists()
     if new_store:

@@ -142,7 +142,8 @@ def _scanner_from_row(site: str, row: pd.Series, draws: dict, bias_scale: float)
     wm = float(row["summary_wm_median"])
     return Scanner(site=site, gm=float(row["summary_gm_median"]) / wm,
                    csf=float(row["summary_csf_median"]) / wm, gamma=draws["gamma"], gain=draws["gain"],
-                   snr=float(row["snr_wm"]), bias_range=bias_scale * float(row["inu_range"]), fwhm_mm=float(row["fwhm_avg"]))
+                   snr=float(row["snr_wm"]), bias_range=bias_scale * float(row["inu_range"]),
+                   fwhm_mm=float(row["fwhm_avg"]))
 
 
 def _deform(template: Template, rng: np.random.Generator, spec: CohortSpec, age: float, sex: str):

@@ -35,6 +35,7 @@ class Candidate:
 class Discovery:
     candidates: list[Candidate] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)  # {"subject", "path", "reason"}
+    waiting: list[str] = field(default_factory=list)  # in participants.tsv, no scan yet (not an error)
 
 
 class CohortError(ValueError):
@@ -124,6 +125,5 @@ def discover(bids_dir: str | os.PathLike) -> Discovery:
             sex=str(row[S.SEX]).strip() if S.SEX in row else ""))
     for label, row in rows.items():
         if row is not None and label not in images and not (root / f"sub-{label}").exists():
-            found.rejected.append({"subject": label, "path": "participants.tsv",
-                                   "reason": f"listed in participants.tsv but no folder sub-{label}"})
+            found.waiting.append(label)
     return found

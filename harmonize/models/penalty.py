@@ -17,6 +17,12 @@ import torch
 
 def pairwise_gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Matrix K with K[i, j] = KL(q_i || q_j), computed in float32 or wider (never half precision)."""
+    # autocast would run these matmuls in half precision even on fp32 inputs: switch it off here
+    with torch.autocast(device_type=mu.device.type, enabled=False):
+        return _pairwise_kl(mu, logvar)
+
+
+def _pairwise_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(mu.dtype, torch.float32)
     mu, logvar = mu.to(dtype), logvar.to(dtype)
     var = logvar.exp()
