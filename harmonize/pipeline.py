@@ -87,7 +87,7 @@ class _ProgressBar:
         if self.bar.total is None:
             self.bar.total = msg["steps"]
         self.bar.n = msg["step"]
-        self.bar.set_postfix({k: f"{msg[k]:.3g}" for k in ("loss", "recon", "kl", "penalty", "val_loss")
+        self.bar.set_postfix({k: f"{msg[k]:.3g}" for k in ("loss", "recon", "kl", "penalty", "site", "val_loss")
                               if k in msg}, refresh=False)
         self.bar.refresh()
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from harmonize.io import schema as S
 from harmonize.models.intensity import white_matter_peak
-from harmonize.models.penalty import gaussian_kl_to_prior, information_penalty
+from harmonize.models.penalty import gaussian_kl_to_prior, information_penalty, site_divergence
 
 MODEL_KIND = "invariant"
 _N_COORD_FREQ = 2
@@ -68,33 +68,49 @@ N_COORD_FEATURES = 3 + 3 * 2 * _N_COORD_FREQ
 
 
 class PatchCVAE(nn.Module):
+    """Conditional VAE over voxels: a convolutional trunk sees each voxel's 7^3 neighbourhood; the
+    posterior head and the decoder are per-voxel MLPs that also see the site and the position.
+
+    The encoder is conditioned on the site too (as in Sohn et al.'s CVAE): knowing the scanner, it
+    can map that scanner's contrast back to anatomy, which is what an invariant z must hold.
+    """
+
     def __init__(self, n_sites: int, latent_dim: int = 8, channels: int = 16, hidden: int = 64):
         super().__init__()
         self.n_sites, self.latent_dim = n_sites, latent_dim
-        self.encoder = nn.Sequential(
+        self.trunk = nn.Sequential(
             nn.Conv3d(1, channels, 3), nn.GELU(),
             nn.Conv3d(channels, channels, 3), nn.GELU(),
             nn.Conv3d(channels, channels, 3), nn.GELU(),
-            nn.Conv3d(channels, 2 * latent_dim, 1),
         )
-        # per-voxel MLP as Linear layers on channels-last voxels: far faster than 1x1x1 convolutions
+        # per-voxel MLPs as Linear layers on channels-last voxels: far faster than 1x1x1 convolutions
+        self.head = nn.Sequential(
+            nn.Linear(channels + n_sites + N_COORD_FEATURES, hidden), nn.SiLU(),
+            nn.Linear(hidden, 2 * latent_dim),
+        )
         self.decoder = nn.Sequential(
             nn.Linear(latent_dim + n_sites + N_COORD_FEATURES, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
             nn.Linear(hidden, 1),
         )
 
-    def encode(self, x: torch.Tensor, logvar_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+    def posterior(self, features: torch.Tensor, site_onehot: torch.Tensor, coords: torch.Tensor,
+                  logvar_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (N, channels), site_onehot (N or 1, n_sites), coords (N, n_coord) -> mu, logvar (N, d)."""
+        site = site_onehot.to(features.dtype).expand(features.shape[0], -1)
+        mu, logvar = self.head(torch.cat([features, site, coords.to(features.dtype)], dim=1)).chunk(2, dim=1)
         # clamped: 1/sigma^2 in the pairwise KL overflows otherwise
         return mu, logvar.clamp(*logvar_range)
 
-    def decode(self, z: torch.Tensor, site_onehot: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        b, _, *spatial = z.shape
-        site_map = site_onehot[:, :, None, None, None].expand(b, self.n_sites, *spatial).to(z.dtype)
-        coords = coords.expand(b, *coords.shape[1:]).to(z.dtype)
-        features = torch.cat([z, site_map, coords], dim=1).permute(0, 2, 3, 4, 1)
-        return self.decoder(features).permute(0, 4, 1, 2, 3)
+    def decode_voxels(self, z: torch.Tensor, site_onehot: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """z (N, d), site_onehot (N or 1, n_sites), coords (N, n_coord) -> intensity (N,)."""
+        site = site_onehot.to(z.dtype).expand(z.shape[0], -1)
+        return self.decoder(torch.cat([z, site, coords.to(z.dtype)], dim=1))[:, 0]
+
+
+def _voxels(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, X, Y, Z) -> (B*X*Y*Z, C), channels last."""
+    return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
 
 
 @dataclass
@@ -104,6 +120,7 @@ class TrainingHistory:
     recon: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
     penalty: list[float] = field(default_factory=list)
+    site: list[float] = field(default_factory=list)
     val_step: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
     stopped_at: int = 0
@@ -126,7 +143,7 @@ class InvariantHarmonizer:
                  reference_site: str | None = None, max_subjects_per_site: int = 16,
                  val_fraction: float = 0.2, eval_every: int = 50, patience: int = 6, seed: int = 0,
                  device: str = "auto", amp: bool = True, logvar_min: float = -8.0, logvar_max: float = 4.0,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, site_weight: float = 10.0):
         self.latent_dim, self.channels, self.hidden = latent_dim, channels, hidden
         self.lam, self.beta, self.recon_sigma = lam, beta, recon_sigma
         self.crop, self.crops_per_site, self.steps, self.lr, self.pairs = crop, crops_per_site, steps, lr, pairs
@@ -135,11 +152,13 @@ class InvariantHarmonizer:
         self.eval_every, self.patience, self.seed = eval_every, patience, seed
         self.device, self.amp, self.logvar_min, self.logvar_max = device, amp, logvar_min, logvar_max
         self.torch_threads = torch_threads
+        self.site_weight = site_weight
 
     # ---- parameters ---------------------------------------------------------------------------
     _PARAMS = ("latent_dim", "channels", "hidden", "lam", "beta", "recon_sigma", "crop", "crops_per_site",
                "steps", "lr", "pairs", "decode", "reference_site", "max_subjects_per_site", "val_fraction",
-               "eval_every", "patience", "seed", "device", "amp", "logvar_min", "logvar_max", "torch_threads")
+               "eval_every", "patience", "seed", "device", "amp", "logvar_min", "logvar_max", "torch_threads",
+               "site_weight")
 
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in self._PARAMS}
@@ -236,21 +255,24 @@ class InvariantHarmonizer:
         if any(len(m) == 0 for m in by_site):
             by_site = [np.flatnonzero(site_idx == s) for s in range(n_sites)]
 
-        def batch(subjects: np.ndarray, local_rng: np.random.Generator):
+        def batch(groups: list[np.ndarray], local_rng: np.random.Generator):
+            """One crop location per group, cut from every subject of the group (one per site), so the
+            sites' latent distributions in a batch are compared over the same anatomy."""
             xs, ms, cs, ss = [], [], [], []
-            for subj in subjects:
+            for subjects in groups:
                 c = centres[local_rng.integers(len(centres))] - crop // 2
                 sl = tuple(slice(int(a), int(a) + crop) for a in c)
                 core = tuple(slice(s.start + r, s.stop - r) for s in sl)
-                xs.append(padded[subj][sl])
-                ms.append(padded_mask[core])
-                cs.append(coords_full[(slice(None), *core)])
-                ss.append(site_idx[subj])
+                for subj in subjects:
+                    xs.append(padded[subj][sl])
+                    ms.append(padded_mask[core])
+                    cs.append(coords_full[(slice(None), *core)])
+                    ss.append(np.full(padded_mask[core].shape, site_idx[subj]))
+            inside = torch.from_numpy(np.stack(ms).reshape(-1)).to(device)
             x = torch.from_numpy(np.stack(xs)[:, None]).to(device)
-            m = torch.from_numpy(np.stack(ms)[:, None].astype(np.float32)).to(device)
-            c = torch.from_numpy(np.stack(cs)).to(device)
-            onehot = torch.nn.functional.one_hot(torch.as_tensor(ss), n_sites).float().to(device)
-            return x, m, c, onehot
+            coords = _voxels(torch.from_numpy(np.stack(cs)))[inside.cpu()].to(device)
+            site = torch.from_numpy(np.stack(ss).reshape(-1))[inside.cpu()].to(device)
+            return x, inside, coords, site
 
         module = self._new_module().to(device)
         optimizer = torch.optim.Adam(module.parameters(), lr=self.lr)
@@ -259,16 +281,16 @@ class InvariantHarmonizer:
         use_amp = self.amp and device.type == "cuda"
         val_subjects = np.flatnonzero(val)
         val_rng = np.random.default_rng(self.seed + 1)
-        val_batches = [batch(val_rng.choice(val_subjects, size=min(len(val_subjects), 8 * n_sites)), val_rng)
-                       for _ in range(4)] if len(val_subjects) else []
+        val_by_site = [np.flatnonzero((site_idx == s) & val) for s in range(n_sites)]
+        val_batches = [batch([np.array([val_rng.choice(m) for m in val_by_site]) for _ in range(8)], val_rng)
+                       for _ in range(4)] if all(len(m) for m in val_by_site) else []
         history = TrainingHistory()
         best, best_state, bad = math.inf, None, 0
         step = 0
         for step in range(1, self.steps + 1):
-            subjects = np.concatenate([rng.choice(m, size=self.crops_per_site) for m in by_site])
-            x, m, c, onehot = batch(subjects, rng)
+            groups = [np.array([rng.choice(m) for m in by_site]) for _ in range(self.crops_per_site)]
             module.train()
-            terms = self._loss(module, x, m, c, onehot, gen, use_amp, device)
+            terms = self._loss(module, *batch(groups, rng), gen, use_amp, device)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
@@ -276,7 +298,7 @@ class InvariantHarmonizer:
             schedule.step()
             if step % 10 == 0 or step == 1:
                 history.step.append(step)
-                for k in ("loss", "recon", "kl", "penalty"):
+                for k in ("loss", "recon", "kl", "penalty", "site"):
                     getattr(history, k).append(float(terms[k].detach()))
             if val_batches and (step % self.eval_every == 0 or step == self.steps):
                 module.eval()
@@ -291,15 +313,15 @@ class InvariantHarmonizer:
                 else:
                     bad += 1
                 if progress:
-                    progress({"step": step, "steps": self.steps, "loss": float(terms["loss"]),
+                    progress({"step": step, "steps": self.steps, "loss": float(terms["loss"].detach()),
                               "recon": float(terms["recon"]), "kl": float(terms["kl"]),
-                              "penalty": float(terms["penalty"]), "val_loss": vloss})
+                              "penalty": float(terms["penalty"]), "site": float(terms["site"]), "val_loss": vloss})
                 if bad >= self.patience:
                     break
             elif progress and step % 10 == 0:
-                progress({"step": step, "steps": self.steps, "loss": float(terms["loss"]),
+                progress({"step": step, "steps": self.steps, "loss": float(terms["loss"].detach()),
                           "recon": float(terms["recon"]), "kl": float(terms["kl"]),
-                          "penalty": float(terms["penalty"])})
+                          "penalty": float(terms["penalty"]), "site": float(terms["site"])})
         history.stopped_at = step
         if best_state is not None:
             module.load_state_dict(best_state)
@@ -308,29 +330,28 @@ class InvariantHarmonizer:
         self.history_ = history
         self.checksum_ = self._checksum()
 
-    def _loss(self, module, x, m, c, onehot, gen, use_amp, device) -> dict:
+    def _loss(self, module, x, inside, coords, site, gen, use_amp, device) -> dict:
+        n_sites = len(self.sites_)
+        onehot = torch.nn.functional.one_hot(site, n_sites).float()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            mu, logvar = module.encode(x, self._logvar_range)
+            features = _voxels(module.trunk(x))[inside]
+            mu, logvar = module.posterior(features, onehot, coords, self._logvar_range)
             eps = torch.randn(mu.shape, generator=gen, device=device, dtype=mu.dtype)
             z = mu + (0.5 * logvar).exp() * eps if module.training else mu
-            recon = module.decode(z, onehot, c)
+            recon = module.decode_voxels(z, onehot, coords)
         r = RECEPTIVE_RADIUS
-        target = x[:, :, r:-r, r:-r, r:-r]
+        target = _voxels(x[:, :, r:-r, r:-r, r:-r])[inside][:, 0]
         # everything below in fp32: the penalty's exp/ratios lose too much in half precision
-        weight = m.sum().clamp_min(1.0)
-        recon_term = (((recon.float() - target) ** 2) * m).sum() / weight / (2 * self.recon_sigma**2)
-        d = mu.shape[1]
-        mu_v = mu.float().permute(0, 2, 3, 4, 1).reshape(-1, d)
-        lv_v = logvar.float().permute(0, 2, 3, 4, 1).reshape(-1, d)
-        inside = m.reshape(-1) > 0
-        mu_v, lv_v = mu_v[inside], lv_v[inside]
-        kl_term = gaussian_kl_to_prior(mu_v, lv_v).mean()
-        if len(mu_v) > self.pairs:
-            pick = torch.randperm(len(mu_v), generator=gen, device=device)[: self.pairs]
-            mu_v, lv_v = mu_v[pick], lv_v[pick]
-        penalty = information_penalty(mu_v, lv_v)
-        loss = (1 + self.lam) * recon_term + self.beta * kl_term + self.lam * penalty
-        return {"loss": loss, "recon": recon_term.detach(), "kl": kl_term.detach(), "penalty": penalty.detach()}
+        recon_term = ((recon.float() - target) ** 2).mean() / (2 * self.recon_sigma**2)
+        mu, logvar = mu.float(), logvar.float()
+        kl_term = gaussian_kl_to_prior(mu, logvar).mean()
+        pick = torch.randperm(len(mu), generator=gen, device=device)[: self.pairs]
+        penalty = information_penalty(mu[pick], logvar[pick])
+        site_term = site_divergence(mu, logvar, site, n_sites) if self.site_weight else torch.zeros(())
+        loss = (1 + self.lam) * recon_term + self.beta * kl_term + self.lam * penalty \
+            + self.site_weight * site_term
+        return {"loss": loss, "recon": recon_term.detach(), "kl": kl_term.detach(), "penalty": penalty.detach(),
+                "site": site_term.detach()}
 
     # ---- applying -----------------------------------------------------------------------------
     def _require_fitted(self) -> None:
@@ -362,18 +383,20 @@ class InvariantHarmonizer:
         device = next(module.parameters()).device
         x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32) / np.float32(scale))
         x = x[None, None].to(device)
-        mu, _ = module.encode(x, self._logvar_range)
-        coords = torch.from_numpy(coordinate_features(location, self.grid_shape_))[None].to(device)
-        n = len(self.sites_)
-        onehot = torch.nn.functional.one_hot(torch.tensor([ref, src]), n).float().to(device)
-        out_ref = module.decode(mu, onehot[:1], coords)
-        if self.decode == "residual":
-            out = x[:, :, r:-r, r:-r, r:-r] + out_ref - module.decode(mu, onehot[1:], coords)
-        else:
-            out = out_ref
-        core = x[:, :, r:-r, r:-r, r:-r]
-        out = torch.where(core > 0, out, torch.zeros_like(out))  # background stays background
-        return (out[0, 0].cpu().numpy() * np.float32(self.reference_scale_)).astype(np.float32)
+        core = x[0, 0, r:-r, r:-r, r:-r]
+        out = torch.zeros_like(core)
+        inside = core > 0  # background stays background; the heads run on brain voxels only
+        if inside.any():
+            features = module.trunk(x)[0].permute(1, 2, 3, 0)[inside]
+            coords = torch.from_numpy(coordinate_features(location, self.grid_shape_)).to(device)
+            coords = coords.permute(1, 2, 3, 0)[inside]
+            onehot = torch.nn.functional.one_hot(torch.tensor([ref, src]), len(self.sites_)).float().to(device)
+            z, _ = module.posterior(features, onehot[1:], coords, self._logvar_range)
+            decoded = module.decode_voxels(z, onehot[:1], coords)
+            if self.decode == "residual":
+                decoded = core[inside] + decoded - module.decode_voxels(z, onehot[1:], coords)
+            out[inside] = decoded
+        return (out.cpu().numpy() * np.float32(self.reference_scale_)).astype(np.float32)
 
     def harmonize_volume(self, volume: np.ndarray, site: str, mask: np.ndarray,
                          reference_site: str | None = None) -> np.ndarray:
