@@ -1,7 +1,7 @@
 """`harmonize` command line: parse arguments, call the library (harmonize.pipeline), print results.
 
 Exit codes: 0 ok; 1 the run failed (message on stderr); 2 bad usage; 3 done, but some inputs were
-rejected (listed on stderr).
+rejected (each listed with its reason in the summary).
 """
 
 from __future__ import annotations

@@ -36,14 +36,21 @@ def _folds(n: int, labels: np.ndarray | None, folds: int, seed: int):
     return KFold(n_splits=min(folds, n), shuffle=True, random_state=seed)
 
 
+def _components(x: np.ndarray, labels: np.ndarray | None, cv, wanted: int) -> int:
+    """PCA size that every training fold can support (the PCA is fitted inside each fold)."""
+    smallest = min(len(train) for train, _ in cv.split(x, labels))
+    return int(max(1, min(wanted, smallest - 1, x.shape[1])))
+
+
 def site_predictability(x: np.ndarray, sites: np.ndarray, n_components: int = 20, folds: int = 5,
                         seed: int = 0) -> dict:
     sites = np.asarray(sites).astype(str)
     n = len(sites)
-    k = int(min(n_components, n - n // folds - 1))
+    cv = _folds(n, sites, folds, seed)
+    k = _components(x, sites, cv, n_components)
     model = make_pipeline(StandardScaler(), PCA(k, random_state=seed),
                           LogisticRegression(max_iter=5000, C=1.0))
-    pred = cross_val_predict(model, x, sites, cv=_folds(n, sites, folds, seed))
+    pred = cross_val_predict(model, x, sites, cv=cv)
     values, counts = np.unique(sites, return_counts=True)
     return {"accuracy": float(np.mean(pred == sites)), "chance": float(counts.max() / n),
             "n_sites": len(values), "n_subjects": n, "n_components": k}
@@ -54,9 +61,10 @@ def age_r2(x: np.ndarray, age: np.ndarray, n_components: int = 20, folds: int = 
     keep = np.isfinite(age)
     x, age = x[keep], age[keep]
     n = len(age)
-    k = int(min(n_components, n - n // folds - 1))
+    cv = _folds(n, None, folds, seed)
+    k = _components(x, None, cv, n_components)
     model = make_pipeline(StandardScaler(), PCA(k, random_state=seed), RidgeCV(alphas=np.logspace(-2, 4, 13)))
-    pred = cross_val_predict(model, x, age, cv=_folds(n, None, folds, seed))
+    pred = cross_val_predict(model, x, age, cv=cv)
     r2 = 1.0 - np.sum((age - pred) ** 2) / np.sum((age - age.mean()) ** 2)
     return {"r2": float(r2), "n_subjects": n, "n_components": k}
 

@@ -57,6 +57,15 @@ def test_same_seed_same_model_and_global_rng_untouched(dataset):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_early_stopping_keeps_the_best_validation_step(dataset):
+    model = InvariantHarmonizer(steps=12, eval_every=3, patience=100, crop=10, crops_per_site=2, seed=5,
+                                torch_threads=1).fit(dataset)
+    h = model.history_
+    assert h.val_step == [3, 6, 9, 12] and all(np.isfinite(h.val_loss))
+    assert h.best_step == h.val_step[int(np.argmin(h.val_loss))]
+    assert model.val_subjects_ and not set(model.val_subjects_) & set(model.train_subjects_)
+
+
 def test_blocks_with_halo_equal_whole_volume(fitted_model, dataset):
     """Chunk + halo in, chunk out: stitched chunks equal the unchunked result (no seams)."""
     model = load_model(fitted_model)

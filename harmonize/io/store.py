@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +203,11 @@ class CohortStore:
         templates of unfinished subjects never reach a statistic.
         """
         # chunks={} keeps each array's stored chunks (images: one subject x the store's spatial chunks)
-        ds = xr.open_zarr(str(self.path), consolidated=False, chunks={})
+        with warnings.catch_warnings():
+            # models/ and reports/ live inside the store folder on purpose (they travel with it)
+            warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component",
+                                    category=UserWarning)
+            ds = xr.open_zarr(str(self.path), consolidated=False, chunks={})
         for name in (S.SUBJECT, S.SITE, S.SEX, S.AGE, S.INGEST_STATUS, S.HARMONIZED_STATUS):
             if name in ds.variables:
                 values = ds[name].values

@@ -35,7 +35,7 @@ from torch import nn
 
 from harmonize.io import schema as S
 from harmonize.models.intensity import white_matter_peak
-from harmonize.models.penalty import gaussian_kl_to_prior, information_penalty, site_divergence
+from harmonize.models.penalty import gaussian_kl_to_prior, information_penalty, matched_site_kl
 
 MODEL_KIND = "invariant"
 _N_COORD_FREQ = 2
@@ -279,7 +279,6 @@ class InvariantHarmonizer:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.steps, 1))
         gen = torch.Generator(device=device).manual_seed(self.seed)
         use_amp = self.amp and device.type == "cuda"
-        val_subjects = np.flatnonzero(val)
         val_rng = np.random.default_rng(self.seed + 1)
         val_by_site = [np.flatnonzero((site_idx == s) & val) for s in range(n_sites)]
         val_batches = [batch([np.array([val_rng.choice(m) for m in val_by_site]) for _ in range(8)], val_rng)
@@ -307,7 +306,7 @@ class InvariantHarmonizer:
                                            for vb in val_batches]))
                 history.val_step.append(step)
                 history.val_loss.append(vloss)
-                if vloss < best - 1e-4 * abs(best):
+                if vloss < best - 1e-4 * abs(best) or not math.isfinite(best):  # inf - inf is NaN
                     best, bad, history.best_step = vloss, 0, step
                     best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
                 else:
@@ -347,7 +346,16 @@ class InvariantHarmonizer:
         kl_term = gaussian_kl_to_prior(mu, logvar).mean()
         pick = torch.randperm(len(mu), generator=gen, device=device)[: self.pairs]
         penalty = information_penalty(mu[pick], logvar[pick])
-        site_term = site_divergence(mu, logvar, site, n_sites) if self.site_weight else torch.zeros(())
+        if self.site_weight and x.shape[0] % n_sites == 0:
+            # batches hold groups of one subject per site cut at one location: compare them voxel by voxel
+            groups = x.shape[0] // n_sites
+            full_mu = mu.new_zeros((len(inside), mu.shape[1])).index_put((inside,), mu)
+            full_lv = logvar.new_zeros((len(inside), mu.shape[1])).index_put((inside,), logvar)
+            shape = (groups, n_sites, -1, mu.shape[1])
+            valid = inside.reshape(groups, n_sites, -1)[:, 0]
+            site_term = matched_site_kl(full_mu.reshape(shape), full_lv.reshape(shape), valid)
+        else:
+            site_term = torch.zeros((), device=device)
         loss = (1 + self.lam) * recon_term + self.beta * kl_term + self.lam * penalty \
             + self.site_weight * site_term
         return {"loss": loss, "recon": recon_term.detach(), "kl": kl_term.detach(), "penalty": penalty.detach(),

@@ -56,37 +56,24 @@ def gaussian_kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
 
 
-def site_divergence(mu: torch.Tensor, logvar: torch.Tensor, site: torch.Tensor, n_sites: int) -> torch.Tensor:
-    """Gaussian estimate of I(z; site) = sum_s p(s) KL(q(z|s) || q(z)) over a batch.
+def matched_site_kl(mu: torch.Tensor, logvar: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean KL(q(z|x_gsv) || q(z|x_gtv)) over sites s != t, for each group g and voxel v with valid[g, v].
 
-    q(z|s) and q(z) are the aggregate posteriors (moment-matched Gaussians: the covariance of the
-    means plus the mean posterior variance) of the batch's voxels from site s and from all sites.
-    The pairwise bound above limits I(z; x) >= I(z; site) only loosely: a per-voxel latent can keep a
-    site signal too small to see in one voxel yet plain over a whole brain; this term measures that
-    signal where it lives, in the sites' latent distributions.
+    mu, logvar: (G, S, V, d), one subject per site in each group, the same template location v:
+    the information penalty restricted to cross-site pairs at matched anatomy. On template-space
+    images, two subjects at one location differ by anatomy (which the decoder cannot recover without
+    z) and by scanner (which it can, from the site code); so this term takes the scanner out of z
+    first. It measures I(z; site | location) where the all-pairs bound above is loose.
     """
     with torch.autocast(device_type=mu.device.type, enabled=False):
-        mu, var = mu.double(), logvar.double().exp()
-        d = mu.shape[1]
-        eye = torch.eye(d, dtype=mu.dtype, device=mu.device)
-
-        def moments(m: torch.Tensor, v: torch.Tensor):
-            centre = m.mean(dim=0)
-            dev = m - centre
-            return centre, dev.T @ dev / max(len(m) - 1, 1) + torch.diag(v.mean(dim=0)) + 1e-6 * eye
-
-        mean_all, cov_all = moments(mu, var)
-        chol_all = torch.linalg.cholesky(cov_all)
-        logdet_all = 2 * torch.log(torch.diagonal(chol_all)).sum()
-        total = mu.new_zeros(())
-        for s in range(n_sites):
-            member = site == s
-            if member.sum() < 2:
-                continue
-            mean_s, cov_s = moments(mu[member], var[member])
-            diff = (mean_s - mean_all)[:, None]
-            solved = torch.cholesky_solve(torch.cat([cov_s, diff], dim=1), chol_all)
-            logdet_s = 2 * torch.log(torch.diagonal(torch.linalg.cholesky(cov_s))).sum()
-            kl = 0.5 * (torch.trace(solved[:, :d]) + (diff * solved[:, d:]).sum() - d + logdet_all - logdet_s)
-            total = total + member.double().mean() * kl
-        return total.float()
+        dtype = torch.promote_types(mu.dtype, torch.float32)
+        mu, logvar = mu.to(dtype), logvar.to(dtype)
+        n_sites = mu.shape[1]
+        if n_sites < 2:
+            return mu.new_zeros(())
+        mu_i, mu_j = mu[:, :, None], mu[:, None, :]
+        lv_i, lv_j = logvar[:, :, None], logvar[:, None, :]
+        kl = 0.5 * (lv_j - lv_i + ((lv_i.exp() + (mu_i - mu_j) ** 2) * (-lv_j).exp()) - 1.0).sum(dim=-1)
+        # kl: (G, S, S, V); its diagonal (s == t) is zero and left out of the count
+        valid = valid[:, None, None, :].to(dtype)
+        return (kl * valid).sum() / (valid.sum() * n_sites * (n_sites - 1)).clamp_min(1.0)
