@@ -88,11 +88,20 @@ class PatchCVAE(nn.Module):
             nn.Linear(channels + n_sites + N_COORD_FEATURES, hidden), nn.SiLU(),
             nn.Linear(hidden, 2 * latent_dim),
         )
-        self.decoder = nn.Sequential(
-            nn.Linear(latent_dim + n_sites + N_COORD_FEATURES, hidden), nn.SiLU(),
+        # decoder = a scanner model around a site-free anatomy network:
+        #   x = exp(bias_site(position)) * gain_site * anatomy(z, position) ** gamma_site
+        # so what differs between sites (a smooth bias field, gain, an intensity non-linearity) can only
+        # be said through the site code, and z is left to carry anatomy
+        self.anatomy = nn.Sequential(
+            nn.Linear(latent_dim + N_COORD_FEATURES, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, 1),
+            nn.Linear(hidden, 1), nn.Softplus(),
         )
+        self.bias_field = nn.Sequential(
+            nn.Linear(n_sites + N_COORD_FEATURES, 32), nn.SiLU(), nn.Linear(32, 1),
+        )
+        self.log_gain = nn.Parameter(torch.zeros(n_sites))
+        self.log_gamma = nn.Parameter(torch.zeros(n_sites))
 
     def posterior(self, features: torch.Tensor, site_onehot: torch.Tensor, coords: torch.Tensor,
                   logvar_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +114,11 @@ class PatchCVAE(nn.Module):
     def decode_voxels(self, z: torch.Tensor, site_onehot: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """z (N, d), site_onehot (N or 1, n_sites), coords (N, n_coord) -> intensity (N,)."""
         site = site_onehot.to(z.dtype).expand(z.shape[0], -1)
-        return self.decoder(torch.cat([z, site, coords.to(z.dtype)], dim=1))[:, 0]
+        coords = coords.to(z.dtype)
+        anatomy = self.anatomy(torch.cat([z, coords], dim=1))[:, 0] + 1e-4
+        log_bias = self.bias_field(torch.cat([site, coords], dim=1))[:, 0]
+        gamma = (site @ self.log_gamma.to(z.dtype)).exp()
+        return (log_bias + site @ self.log_gain.to(z.dtype) + gamma * anatomy.log()).exp()
 
 
 def _voxels(t: torch.Tensor) -> torch.Tensor:
