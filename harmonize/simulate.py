@@ -44,6 +44,13 @@ class CohortSpec:
     deformation_mm: float = 2.5
     bias_scale: float = 0.5  # fraction of MRIQC's inu_range kept (inputs are assumed N4-corrected once)
     reference_site: str | None = None  # defaults to the first site
+    # MRIQC measured SNR on the scans as acquired (ABIDE: ~1 mm); a volume resampled to coarser voxels
+    # averages that noise over (res / native)^3 voxels, so its SNR is higher by the square root of that
+    native_resolution_mm: float = 1.0
+    # MRIQC's per-scan GM/WM and CSF/WM medians vary within a site by anatomy (tissue volumes, partial
+    # volume, motion) as well as by scanner; anatomy already varies here on its own, so only this
+    # fraction of a borrowed scan's deviation from its site's median contrast is taken as scanner's
+    contrast_jitter: float = 0.5
 
     @property
     def reference(self) -> str:
@@ -138,10 +145,25 @@ def _site_draws(spec: CohortSpec, iqms: pd.DataFrame, rng: np.random.Generator, 
     return sites
 
 
-def _scanner_from_row(site: str, row: pd.Series, draws: dict, bias_scale: float) -> Scanner:
+def _tissue_ratios(row: pd.Series) -> tuple[float, float]:
     wm = float(row["summary_wm_median"])
-    return Scanner(site=site, gm=float(row["summary_gm_median"]) / wm,
-                   csf=float(row["summary_csf_median"]) / wm, gamma=draws["gamma"], gain=draws["gain"],
+    return float(row["summary_gm_median"]) / wm, float(row["summary_csf_median"]) / wm
+
+
+def _site_contrast(iqms: pd.DataFrame, site: str) -> tuple[float, float]:
+    """The site's median GM/WM and CSF/WM ratios over its real scans."""
+    rows = iqms[iqms.site == site]
+    return (float((rows.summary_gm_median / rows.summary_wm_median).median()),
+            float((rows.summary_csf_median / rows.summary_wm_median).median()))
+
+
+def _scanner_from_row(site: str, row: pd.Series, draws: dict, bias_scale: float,
+                      site_ratios: tuple[float, float] | None = None, contrast_jitter: float = 1.0) -> Scanner:
+    gm, csf = _tissue_ratios(row)
+    if site_ratios is not None:  # keep only part of this scan's deviation from its site's contrast
+        gm = site_ratios[0] + contrast_jitter * (gm - site_ratios[0])
+        csf = site_ratios[1] + contrast_jitter * (csf - site_ratios[1])
+    return Scanner(site=site, gm=gm, csf=csf, gamma=draws["gamma"], gain=draws["gain"],
                    snr=float(row["snr_wm"]), bias_range=bias_scale * float(row["inu_range"]),
                    fwhm_mm=float(row["fwhm_avg"]))
 
@@ -166,7 +188,8 @@ def _deform(template: Template, rng: np.random.Generator, spec: CohortSpec, age:
 
 
 def _image(anatomy, scanner: Scanner, pattern: np.ndarray, subject_bias: np.ndarray | None,
-           rng: np.random.Generator | None, resolution_mm: float, fwhm_floor_mm: float) -> np.ndarray:
+           rng: np.random.Generator | None, resolution_mm: float, fwhm_floor_mm: float,
+           native_resolution_mm: float = 1.0) -> np.ndarray:
     gm, wm, csf, texture, mask = anatomy
     relative = scanner.gm * gm + wm + scanner.csf * csf + 0.5 * texture * (gm + wm)
     relative = np.clip(relative, 0, None) ** scanner.gamma
@@ -182,7 +205,8 @@ def _image(anatomy, scanner: Scanner, pattern: np.ndarray, subject_bias: np.ndar
         image = ndimage.gaussian_filter(image, extra_fwhm / 2.3548 / resolution_mm)
     image = image * mask * (1000.0 * scanner.gain)
     if rng is not None:  # Rician noise: magnitude of a complex signal with Gaussian noise
-        sigma = 1000.0 * scanner.gain / scanner.snr
+        snr = scanner.snr * (resolution_mm / native_resolution_mm) ** 1.5
+        sigma = 1000.0 * scanner.gain / snr
         real = image + rng.normal(0, sigma, image.shape)
         imag = rng.normal(0, sigma, image.shape)
         image = np.sqrt(real**2 + imag**2) * mask
@@ -209,6 +233,7 @@ def simulate_cohort(out_dir: str | os.PathLike, spec: CohortSpec | None = None,
     reference_scanner = _scanner_from_row(spec.reference, ref_rows[list(_IQM_COLUMNS)].median(),
                                           draws[spec.reference], spec.bias_scale)
     n_sites = len(spec.sites)
+    site_contrast = {site: _site_contrast(iqms, site) for site in spec.sites}
     rows, records = [], []
     iterator = [(k, site, j) for k, site in enumerate(spec.sites) for j in range(spec.subjects_per_site)]
     if progress:
@@ -225,10 +250,11 @@ def simulate_cohort(out_dir: str | os.PathLike, spec: CohortSpec | None = None,
         anatomy = _deform(template, sub_rng, spec, age, sex)
         site_rows = iqms[iqms.site == site]
         scan_row = site_rows.iloc[int(sub_rng.integers(len(site_rows)))]
-        scanner = _scanner_from_row(site, scan_row, draws[site], spec.bias_scale)
+        scanner = _scanner_from_row(site, scan_row, draws[site], spec.bias_scale, site_contrast[site],
+                                    spec.contrast_jitter)
         subject_bias = _smooth_field(sub_rng, shape, 20.0 / spec.resolution_mm)
         image = _image(anatomy, scanner, draws[site]["pattern"], subject_bias, sub_rng, spec.resolution_mm,
-                       _FWHM_FLOOR_MM)
+                       _FWHM_FLOOR_MM, spec.native_resolution_mm)
         truth_image = _image(anatomy, reference_scanner, draws[spec.reference]["pattern"], None, None,
                              spec.resolution_mm, _FWHM_FLOOR_MM)
         _save(np.round(image).astype(np.int16), template.affine,

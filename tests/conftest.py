@@ -58,7 +58,7 @@ def fitted_model(small_store, tmp_path_factory):
     from harmonize.models.invariant import InvariantHarmonizer
 
     ds = CohortStore(small_store).dataset().load()
-    model = InvariantHarmonizer(steps=30, eval_every=10, crop=12, crops_per_site=2, seed=3, torch_threads=1)
+    model = InvariantHarmonizer(steps=30, eval_every=10, crop=12, seed=3, torch_threads=1)
     model.fit(ds)
     path = tmp_path_factory.mktemp("model") / "invariant"
     model.save(path)

@@ -50,7 +50,7 @@ def test_tampered_weights_are_refused(fitted_model, tmp_path):
 def test_same_seed_same_model_and_global_rng_untouched(dataset):
     torch.manual_seed(123)
     state = torch.random.get_rng_state()
-    kw = dict(steps=6, eval_every=3, crop=10, crops_per_site=2, seed=11, torch_threads=1)
+    kw = dict(steps=6, eval_every=3, crop=10, seed=11, torch_threads=1)
     a = InvariantHarmonizer(**kw).fit(dataset)
     b = InvariantHarmonizer(**kw).fit(dataset)
     assert a.checksum_ == b.checksum_
@@ -58,7 +58,7 @@ def test_same_seed_same_model_and_global_rng_untouched(dataset):
 
 
 def test_early_stopping_keeps_the_best_validation_step(dataset):
-    model = InvariantHarmonizer(steps=12, eval_every=3, patience=100, crop=10, crops_per_site=2, seed=5,
+    model = InvariantHarmonizer(steps=12, eval_every=3, patience=100, crop=10, seed=5,
                                 torch_threads=1).fit(dataset)
     h = model.history_
     assert h.val_step == [3, 6, 9, 12] and all(np.isfinite(h.val_loss))

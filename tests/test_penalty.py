@@ -9,8 +9,8 @@ import torch
 from harmonize.models.penalty import (
     gaussian_kl_to_prior,
     information_penalty,
-    matched_site_kl,
     pairwise_gaussian_kl,
+    site_variance_fraction,
 )
 
 
@@ -89,23 +89,33 @@ def test_kl_to_prior_zero_at_prior():
     assert float(gaussian_kl_to_prior(torch.zeros(3, 4), torch.zeros(3, 4)).abs().max()) == 0.0
 
 
-def test_matched_site_kl_is_the_cross_site_mean_at_each_location():
-    """Groups of one subject per site at one location: the mean over valid voxels and ordered site
-    pairs s != t of KL(q_s || q_t), checked against the double loop."""
+def test_site_variance_fraction_is_the_partial_eta_squared_per_voxel():
+    """Per group and voxel: (RSS without site - RSS with site) / RSS without site, from two least-squares
+    fits with the covariates in both, averaged over valid voxels; checked against numpy's lstsq."""
     rng = np.random.default_rng(1)
-    groups, sites, voxels, d = 3, 4, 5, 3
-    mu = rng.normal(0, 1.5, size=(groups, sites, voxels, d))
-    logvar = rng.uniform(-4, 1, size=(groups, sites, voxels, d))
+    groups, n_sites, per_site, voxels = 3, 4, 3, 5
+    members = n_sites * per_site
+    site = np.repeat(np.arange(n_sites), per_site)
+    covariates = rng.normal(size=(groups, members, 2))
+    values = rng.normal(size=(groups, members, voxels)) + 0.7 * site[None, :, None] \
+        + 0.5 * covariates[:, :, :1]
     valid = rng.random((groups, voxels)) < 0.7
-    total, count = 0.0, 0
+    fractions = []
     for g in range(groups):
+        cov = (covariates[g] - covariates[g].mean(0)) / covariates[g].std(0, ddof=1)
+        base = np.column_stack([np.ones(members), cov])
+        full = np.column_stack([base, np.eye(n_sites)[site][:, 1:]])
         for v in np.flatnonzero(valid[g]):
-            kl = brute_force_kl(mu[g, :, v], logvar[g, :, v])
-            total += kl.sum()  # the diagonal is zero
-            count += sites * (sites - 1)
-    got = float(matched_site_kl(torch.tensor(mu), torch.tensor(logvar), torch.tensor(valid)))
-    assert got == pytest.approx(total / count, rel=1e-10)
-    # identical posteriors across sites (a site-invariant encoder) give zero
-    same = np.broadcast_to(mu[:, :1], mu.shape).copy()
-    same_lv = np.broadcast_to(logvar[:, :1], mu.shape).copy()
-    assert abs(float(matched_site_kl(torch.tensor(same), torch.tensor(same_lv), torch.tensor(valid)))) < 1e-15
+            y = values[g, :, v]
+            rss = [np.sum((y - design @ np.linalg.lstsq(design, y, rcond=None)[0]) ** 2) for design in (base, full)]
+            fractions.append((rss[0] - rss[1]) / rss[0])
+    got = float(site_variance_fraction(torch.tensor(values, dtype=torch.float64), torch.tensor(site),
+                                       torch.tensor(valid), torch.tensor(covariates, dtype=torch.float64)))
+    assert got == pytest.approx(np.mean(fractions), rel=1e-4)
+    assert 0.2 < got < 1.0  # site was made to matter
+    # values whose site means are equal (noise centred within each site) give zero without covariates
+    noise = rng.normal(size=values.shape)
+    for s in range(n_sites):
+        noise[:, site == s] -= noise[:, site == s].mean(axis=1, keepdims=True)
+    got = float(site_variance_fraction(torch.tensor(noise + 3.0), torch.tensor(site), torch.tensor(valid)))
+    assert abs(got) < 1e-5

@@ -19,6 +19,7 @@ layer (harmonize.apply) maps :meth:`InvariantHarmonizer.harmonize_block` over ch
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -35,11 +36,12 @@ from torch import nn
 
 from harmonize.io import schema as S
 from harmonize.models.intensity import white_matter_peak
-from harmonize.models.penalty import gaussian_kl_to_prior, information_penalty, matched_site_kl
+from harmonize.models.penalty import gaussian_kl_to_prior, information_penalty, site_variance_fraction
 
 MODEL_KIND = "invariant"
-_N_COORD_FREQ = 2
+_DCT_ORDER = 3  # per axis: 3^3 - 1 = 26 basis functions
 RECEPTIVE_RADIUS = 3  # three 3x3x3 valid convolutions
+AGE_MATCH_YEARS = 5.0  # bandwidth of the age matching of subjects compared across sites
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -51,20 +53,21 @@ def select_device(preference: str = "auto") -> torch.device:
 
 def coordinate_features(location: tuple[slice, slice, slice], grid_shape: tuple[int, int, int],
                         ) -> np.ndarray:
-    """Smooth functions of template position, (n_features, *block) float32, for a block of the grid."""
+    """Smooth functions of template position, (n_features, *block) float32, for a block of the grid.
+
+    The low-frequency 3-D DCT basis (products of cos(pi k (i + 1/2) / n), k < `_DCT_ORDER` per axis,
+    the constant left out), as SPM models MR bias fields: a receive-coil bias is smooth and spans
+    the head, so a few of these describe it, and products let it vary along oblique directions.
+    """
     axes = []
     for sl, n in zip(location, grid_shape, strict=True):
         idx = np.arange(sl.start, sl.stop, dtype=np.float32)
-        axes.append(2.0 * idx / max(n - 1, 1) - 1.0)
-    grids = np.meshgrid(*axes, indexing="ij")
-    feats = list(grids)
-    for f in range(1, _N_COORD_FREQ + 1):
-        for g in grids:
-            feats += [np.sin(np.pi * f * g / 2), np.cos(np.pi * f * g / 2)]
-    return np.stack(feats).astype(np.float32)
+        axes.append(np.stack([np.cos(np.pi * k * (idx + 0.5) / n) for k in range(_DCT_ORDER)]))
+    feats = np.einsum("ai,bj,ck->abcijk", *axes).reshape(_DCT_ORDER**3, *(len(a[0]) for a in axes))
+    return np.ascontiguousarray(feats[1:], dtype=np.float32)
 
 
-N_COORD_FEATURES = 3 + 3 * 2 * _N_COORD_FREQ
+N_COORD_FEATURES = _DCT_ORDER**3 - 1
 
 
 class PatchCVAE(nn.Module):
@@ -88,20 +91,13 @@ class PatchCVAE(nn.Module):
             nn.Linear(channels + n_sites + N_COORD_FEATURES, hidden), nn.SiLU(),
             nn.Linear(hidden, 2 * latent_dim),
         )
-        # decoder = a scanner model around a site-free anatomy network:
-        #   x = exp(bias_site(position)) * gain_site * anatomy(z, position) ** gamma_site
-        # so what differs between sites (a smooth bias field, gain, an intensity non-linearity) can only
-        # be said through the site code, and z is left to carry anatomy
-        self.anatomy = nn.Sequential(
-            nn.Linear(latent_dim + N_COORD_FEATURES, hidden), nn.SiLU(),
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim + n_sites + N_COORD_FEATURES, hidden), nn.SiLU(),
             nn.Linear(hidden, hidden), nn.SiLU(),
-            nn.Linear(hidden, 1), nn.Softplus(),
+            nn.Linear(hidden, 1),
         )
-        self.bias_field = nn.Sequential(
-            nn.Linear(n_sites + N_COORD_FEATURES, 32), nn.SiLU(), nn.Linear(32, 1),
-        )
-        self.log_gain = nn.Parameter(torch.zeros(n_sites))
-        self.log_gamma = nn.Parameter(torch.zeros(n_sites))
+        # each site's receive-coil bias: a multiplicative field, log-linear in the DCT basis
+        self.log_bias = nn.Parameter(torch.zeros(n_sites, N_COORD_FEATURES))
 
     def posterior(self, features: torch.Tensor, site_onehot: torch.Tensor, coords: torch.Tensor,
                   logvar_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,15 +111,20 @@ class PatchCVAE(nn.Module):
         """z (N, d), site_onehot (N or 1, n_sites), coords (N, n_coord) -> intensity (N,)."""
         site = site_onehot.to(z.dtype).expand(z.shape[0], -1)
         coords = coords.to(z.dtype)
-        anatomy = self.anatomy(torch.cat([z, coords], dim=1))[:, 0] + 1e-4
-        log_bias = self.bias_field(torch.cat([site, coords], dim=1))[:, 0]
-        gamma = (site @ self.log_gamma.to(z.dtype)).exp()
-        return (log_bias + site @ self.log_gain.to(z.dtype) + gamma * anatomy.log()).exp()
+        log_bias = ((site @ self.log_bias.to(z.dtype)) * coords).sum(dim=1)
+        return self.decoder(torch.cat([z, site, coords], dim=1))[:, 0] * log_bias.exp()
 
 
-def _voxels(t: torch.Tensor) -> torch.Tensor:
-    """(B, C, X, Y, Z) -> (B*X*Y*Z, C), channels last."""
-    return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
+def _covariate_matrix(ages: np.ndarray, sexes: np.ndarray) -> np.ndarray:
+    """(n, c) float32 biological covariates for the site term: age (missing -> the mean) and one
+    indicator per sex level beyond the first; columns without variation are left out."""
+    columns = []
+    if np.isfinite(ages).sum() > 1:
+        columns.append(np.where(np.isfinite(ages), ages, np.nanmean(ages)))
+    levels = sorted(set(sexes.tolist()) - {""})
+    columns += [(sexes == level).astype(float) for level in levels[1:]]
+    columns = [c for c in columns if np.ptp(c) > 0]
+    return np.stack(columns, axis=1).astype(np.float32) if columns else np.zeros((len(ages), 0), np.float32)
 
 
 @dataclass
@@ -151,35 +152,52 @@ class InvariantHarmonizer:
     halo = RECEPTIVE_RADIUS
 
     def __init__(self, latent_dim: int = 8, channels: int = 16, hidden: int = 64, lam: float = 1.0,
-                 beta: float = 1.0, recon_sigma: float = 0.05, crop: int = 16, crops_per_site: int = 4,
-                 steps: int = 800, lr: float = 2e-3, pairs: int = 512, decode: str = "residual",
+                 beta: float = 1.0, site_weight: float = 1000.0, recon_sigma: float = 0.05, crop: int = 16,
+                 groups: int = 1, subjects_per_site: int = 5, pairs: int = 512,
+                 steps: int = 800, lr: float = 2e-3, decode: str = "residual",
                  reference_site: str | None = None, max_subjects_per_site: int = 16,
                  val_fraction: float = 0.2, eval_every: int = 50, patience: int = 6, seed: int = 0,
                  device: str = "auto", amp: bool = True, logvar_min: float = -8.0, logvar_max: float = 4.0,
-                 torch_threads: int | None = None, site_weight: float = 10.0):
-        self.latent_dim, self.channels, self.hidden = latent_dim, channels, hidden
-        self.lam, self.beta, self.recon_sigma = lam, beta, recon_sigma
-        self.crop, self.crops_per_site, self.steps, self.lr, self.pairs = crop, crops_per_site, steps, lr, pairs
-        self.decode, self.reference_site = decode, reference_site
-        self.max_subjects_per_site, self.val_fraction = max_subjects_per_site, val_fraction
-        self.eval_every, self.patience, self.seed = eval_every, patience, seed
-        self.device, self.amp, self.logvar_min, self.logvar_max = device, amp, logvar_min, logvar_max
-        self.torch_threads = torch_threads
+                 torch_threads: int | None = None):
+        self.latent_dim = latent_dim
+        self.channels = channels
+        self.hidden = hidden
+        self.lam = lam
+        self.beta = beta
         self.site_weight = site_weight
+        self.recon_sigma = recon_sigma
+        self.crop = crop
+        self.groups = groups
+        self.subjects_per_site = subjects_per_site
+        self.pairs = pairs
+        self.steps = steps
+        self.lr = lr
+        self.decode = decode
+        self.reference_site = reference_site
+        self.max_subjects_per_site = max_subjects_per_site
+        self.val_fraction = val_fraction
+        self.eval_every = eval_every
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+        self.amp = amp
+        self.logvar_min = logvar_min
+        self.logvar_max = logvar_max
+        self.torch_threads = torch_threads
 
     # ---- parameters ---------------------------------------------------------------------------
-    _PARAMS = ("latent_dim", "channels", "hidden", "lam", "beta", "recon_sigma", "crop", "crops_per_site",
-               "steps", "lr", "pairs", "decode", "reference_site", "max_subjects_per_site", "val_fraction",
-               "eval_every", "patience", "seed", "device", "amp", "logvar_min", "logvar_max", "torch_threads",
-               "site_weight")
+    @classmethod
+    def _param_names(cls) -> tuple[str, ...]:
+        return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
 
     def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in self._PARAMS}
+        return {k: getattr(self, k) for k in self._param_names()}
 
     def set_params(self, **params) -> InvariantHarmonizer:
+        known = self._param_names()
         for k, v in params.items():
-            if k not in self._PARAMS:
-                raise ValueError(f"unknown parameter {k!r} for InvariantHarmonizer; known: {self._PARAMS}")
+            if k not in known:
+                raise ValueError(f"unknown parameter {k!r} for InvariantHarmonizer; known: {known}")
             setattr(self, k, v)
         return self
 
@@ -192,8 +210,10 @@ class InvariantHarmonizer:
             raise ValueError(f"decode must be 'residual' or 'direct', got {self.decode!r}")
         if self.crop <= 2 * RECEPTIVE_RADIUS:
             raise ValueError(f"crop must exceed {2 * RECEPTIVE_RADIUS} voxels, got {self.crop}")
-        if self.lam < 0 or self.beta < 0:
-            raise ValueError("lam and beta must be >= 0")
+        if min(self.lam, self.beta, self.site_weight) < 0:
+            raise ValueError("lam, beta and site_weight must be >= 0")
+        if self.subjects_per_site < 1 or self.groups < 1:
+            raise ValueError("groups and subjects_per_site must be >= 1")
 
     # ---- fitting ------------------------------------------------------------------------------
     def fit(self, dataset: xr.Dataset, progress: Callable[[dict], None] | None = None) -> InvariantHarmonizer:
@@ -226,6 +246,10 @@ class InvariantHarmonizer:
             scales.append(scale)
             site_idx.append(site_names.index(sites[i]))
         site_idx = np.asarray(site_idx)
+        ages = np.asarray(dataset[S.AGE].values, dtype=float)[chosen] if S.AGE in dataset.coords else \
+            np.full(len(chosen), np.nan)
+        sexes = np.asarray(dataset[S.SEX].values).astype(str)[chosen] if S.SEX in dataset.coords else \
+            np.full(len(chosen), "")
         val = np.zeros(len(chosen), dtype=bool)
         for s in range(len(site_names)):  # hold out whole subjects, at least one per site when possible
             members = np.flatnonzero(site_idx == s)
@@ -245,7 +269,7 @@ class InvariantHarmonizer:
         if threads:
             torch.set_num_threads(threads)
         try:
-            self._train(volumes, site_idx, val, mask, device, rng, progress)
+            self._train(volumes, site_idx, ages, sexes, val, mask, device, rng, progress)
         finally:
             torch.set_num_threads(old_threads)
         self.history_.seconds = time.perf_counter() - t0
@@ -256,67 +280,88 @@ class InvariantHarmonizer:
             torch.manual_seed(self.seed)
             return PatchCVAE(len(self.sites_), self.latent_dim, self.channels, self.hidden)
 
-    def _train(self, volumes, site_idx, val, mask, device, rng, progress) -> None:
+    def _train(self, volumes, site_idx, ages, sexes, val, mask, device, rng, progress) -> None:
         crop, r = self.crop, RECEPTIVE_RADIUS
         pad = crop // 2
-        padded = [np.pad(v, pad) for v in volumes]
+        padded = np.stack([np.pad(v, pad) for v in volumes])
         padded_mask = np.pad(mask, pad)
         coords_full = coordinate_features(tuple(slice(-pad, n + pad) for n in mask.shape), mask.shape)
         centres = np.argwhere(mask) + pad
         n_sites = len(self.sites_)
-        by_site = [np.flatnonzero((site_idx == s) & ~val) for s in range(n_sites)]
-        if any(len(m) == 0 for m in by_site):
-            by_site = [np.flatnonzero(site_idx == s) for s in range(n_sites)]
+        k = self.subjects_per_site
+        site_of_member = torch.arange(n_sites, device=device).repeat_interleave(k)  # (B,) for every group
 
-        def batch(groups: list[np.ndarray], local_rng: np.random.Generator):
-            """One crop location per group, cut from every subject of the group (one per site), so the
-            sites' latent distributions in a batch are compared over the same anatomy."""
-            xs, ms, cs, ss = [], [], [], []
-            for subjects in groups:
-                c = centres[local_rng.integers(len(centres))] - crop // 2
-                sl = tuple(slice(int(a), int(a) + crop) for a in c)
+        known_age = np.isfinite(ages)
+        covariates = _covariate_matrix(ages, sexes)
+
+        def members(pool: list[np.ndarray], local_rng: np.random.Generator) -> np.ndarray:
+            """k subjects of every site, age-matched across sites: sites in real studies differ in age,
+            and a site term comparing a young site with an old one would take ageing for scanner."""
+            target = local_rng.choice(ages[known_age]) if known_age.any() else np.nan
+            chosen = []
+            for m in pool:
+                weight = np.ones(len(m))
+                if np.isfinite(target):
+                    gap = np.where(known_age[m], ages[m] - target, 0.0)
+                    weight = np.exp(-0.5 * (gap / AGE_MATCH_YEARS) ** 2) + 1e-3
+                chosen.append(local_rng.choice(m, size=k, replace=len(m) < k, p=weight / weight.sum()))
+            return np.concatenate(chosen)
+
+        def batch(pool: list[np.ndarray], local_rng: np.random.Generator):
+            """`groups` template locations; at each, one crop from k subjects of every site. The crops of
+            a group share their location, so their posteriors differ by anatomy and by site, and the
+            site-information term can tell the two apart."""
+            xs, ms, cs, vs = [], [], [], []
+            for _ in range(self.groups):
+                corner = centres[local_rng.integers(len(centres))] - crop // 2
+                sl = tuple(slice(int(a), int(a) + crop) for a in corner)
                 core = tuple(slice(s.start + r, s.stop - r) for s in sl)
-                for subj in subjects:
-                    xs.append(padded[subj][sl])
-                    ms.append(padded_mask[core])
-                    cs.append(coords_full[(slice(None), *core)])
-                    ss.append(np.full(padded_mask[core].shape, site_idx[subj]))
-            inside = torch.from_numpy(np.stack(ms).reshape(-1)).to(device)
-            x = torch.from_numpy(np.stack(xs)[:, None]).to(device)
-            coords = _voxels(torch.from_numpy(np.stack(cs)))[inside.cpu()].to(device)
-            site = torch.from_numpy(np.stack(ss).reshape(-1))[inside.cpu()].to(device)
-            return x, inside, coords, site
+                who = members(pool, local_rng)
+                xs.append(padded[(who, *sl)])
+                ms.append(padded_mask[core])
+                cs.append(coords_full[(slice(None), *core)])
+                vs.append(covariates[who])
+            x = torch.from_numpy(np.stack(xs)).to(device)  # (G, B, c, c, c)
+            inside = torch.from_numpy(np.stack(ms).reshape(len(ms), -1)).to(device)  # (G, V)
+            coords = torch.from_numpy(np.stack(cs)).to(device)  # (G, n_coord, c', c', c')
+            cov = torch.from_numpy(np.stack(vs)).to(device) if covariates.shape[1] else None  # (G, B, c)
+            return x, inside, coords, cov
 
         module = self._new_module().to(device)
         optimizer = torch.optim.Adam(module.parameters(), lr=self.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.steps, 1))
         gen = torch.Generator(device=device).manual_seed(self.seed)
         use_amp = self.amp and device.type == "cuda"
+        train_pool = [np.flatnonzero((site_idx == s) & ~val) for s in range(n_sites)]
+        if any(len(m) == 0 for m in train_pool):
+            train_pool = [np.flatnonzero(site_idx == s) for s in range(n_sites)]
+        val_pool = [np.flatnonzero((site_idx == s) & val) for s in range(n_sites)]
         val_rng = np.random.default_rng(self.seed + 1)
-        val_by_site = [np.flatnonzero((site_idx == s) & val) for s in range(n_sites)]
-        val_batches = [batch([np.array([val_rng.choice(m) for m in val_by_site]) for _ in range(8)], val_rng)
-                       for _ in range(4)] if all(len(m) for m in val_by_site) else []
+        val_batches = [batch(val_pool, val_rng) for _ in range(8)] if all(len(m) for m in val_pool) else []
         history = TrainingHistory()
         best, best_state, bad = math.inf, None, 0
         step = 0
+        terms_names = ("loss", "recon", "kl", "penalty", "site")
         for step in range(1, self.steps + 1):
-            groups = [np.array([rng.choice(m) for m in by_site]) for _ in range(self.crops_per_site)]
             module.train()
-            terms = self._loss(module, *batch(groups, rng), gen, use_amp, device)
+            terms = self._loss(module, *batch(train_pool, rng), site_of_member, gen, use_amp, device)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
             optimizer.step()
             schedule.step()
+            values = {name: float(terms[name].detach()) for name in terms_names}
             if step % 10 == 0 or step == 1:
                 history.step.append(step)
-                for k in ("loss", "recon", "kl", "penalty", "site"):
-                    getattr(history, k).append(float(terms[k].detach()))
+                for name in terms_names:
+                    getattr(history, name).append(values[name])
+            report = {"step": step, "steps": self.steps, **values}
             if val_batches and (step % self.eval_every == 0 or step == self.steps):
                 module.eval()
+                val_gen = torch.Generator(device=device).manual_seed(self.seed + 2)
                 with torch.no_grad():
-                    vloss = float(np.mean([float(self._loss(module, *vb, gen, use_amp, device)["loss"])
-                                           for vb in val_batches]))
+                    vloss = float(np.mean([float(self._loss(module, *vb, site_of_member, val_gen, use_amp,
+                                                            device)["loss"]) for vb in val_batches]))
                 history.val_step.append(step)
                 history.val_loss.append(vloss)
                 if vloss < best - 1e-4 * abs(best) or not math.isfinite(best):  # inf - inf is NaN
@@ -325,15 +370,11 @@ class InvariantHarmonizer:
                 else:
                     bad += 1
                 if progress:
-                    progress({"step": step, "steps": self.steps, "loss": float(terms["loss"].detach()),
-                              "recon": float(terms["recon"]), "kl": float(terms["kl"]),
-                              "penalty": float(terms["penalty"]), "site": float(terms["site"]), "val_loss": vloss})
+                    progress({**report, "val_loss": vloss})
                 if bad >= self.patience:
                     break
             elif progress and step % 10 == 0:
-                progress({"step": step, "steps": self.steps, "loss": float(terms["loss"].detach()),
-                          "recon": float(terms["recon"]), "kl": float(terms["kl"]),
-                          "penalty": float(terms["penalty"]), "site": float(terms["site"])})
+                progress(report)
         history.stopped_at = step
         if best_state is not None:
             module.load_state_dict(best_state)
@@ -342,33 +383,54 @@ class InvariantHarmonizer:
         self.history_ = history
         self.checksum_ = self._checksum()
 
-    def _loss(self, module, x, inside, coords, site, gen, use_amp, device) -> dict:
+    def _loss(self, module, x, inside, coords, covariates, site_of_member, gen, use_amp, device) -> dict:
+        """x (G, B, c, c, c) crops; inside (G, V) template mask of the crops' cores; coords (G, F, c', c', c');
+        covariates (G, B, c) of the members (or None)."""
+        n_groups, n_members = x.shape[:2]
         n_sites = len(self.sites_)
-        onehot = torch.nn.functional.one_hot(site, n_sites).float()
+        r = RECEPTIVE_RADIUS
+        onehot = torch.nn.functional.one_hot(site_of_member, n_sites).float()  # (B, S)
+        n_vox = inside.shape[1]
+        # per voxel, channels last, ordered (group, member, voxel)
+        coords_v = coords.flatten(2).transpose(1, 2)[:, None].expand(-1, n_members, -1, -1)  # (G, B, V, F)
+        site_v = onehot[None, :, None].expand(n_groups, -1, n_vox, -1)  # (G, B, V, S)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            features = _voxels(module.trunk(x))[inside]
-            mu, logvar = module.posterior(features, onehot, coords, self._logvar_range)
+            features = module.trunk(x.reshape(-1, 1, *x.shape[2:]))  # (G*B, C, c', c', c')
+            features = features.flatten(2).transpose(1, 2).reshape(n_groups, n_members, n_vox, -1)
+            mu, logvar = module.posterior(features.reshape(-1, features.shape[-1]), site_v.reshape(-1, n_sites),
+                                          coords_v.reshape(-1, coords_v.shape[-1]), self._logvar_range)
             eps = torch.randn(mu.shape, generator=gen, device=device, dtype=mu.dtype)
             z = mu + (0.5 * logvar).exp() * eps if module.training else mu
-            recon = module.decode_voxels(z, onehot, coords)
-        r = RECEPTIVE_RADIUS
-        target = _voxels(x[:, :, r:-r, r:-r, r:-r])[inside][:, 0]
+            recon = module.decode_voxels(z, site_v.reshape(-1, n_sites), coords_v.reshape(-1, coords_v.shape[-1]))
+        target = x[:, :, r:-r, r:-r, r:-r].reshape(n_groups, n_members, n_vox)
+        brain = inside[:, None].expand(-1, n_members, -1)
         # everything below in fp32: the penalty's exp/ratios lose too much in half precision
-        recon_term = ((recon.float() - target) ** 2).mean() / (2 * self.recon_sigma**2)
-        mu, logvar = mu.float(), logvar.float()
-        kl_term = gaussian_kl_to_prior(mu, logvar).mean()
-        pick = torch.randperm(len(mu), generator=gen, device=device)[: self.pairs]
-        penalty = information_penalty(mu[pick], logvar[pick])
-        if self.site_weight and x.shape[0] % n_sites == 0:
-            # batches hold groups of one subject per site cut at one location: compare them voxel by voxel
-            groups = x.shape[0] // n_sites
-            full_mu = mu.new_zeros((len(inside), mu.shape[1])).index_put((inside,), mu)
-            full_lv = logvar.new_zeros((len(inside), mu.shape[1])).index_put((inside,), logvar)
-            shape = (groups, n_sites, -1, mu.shape[1])
-            valid = inside.reshape(groups, n_sites, -1)[:, 0]
-            site_term = matched_site_kl(full_mu.reshape(shape), full_lv.reshape(shape), valid)
-        else:
-            site_term = torch.zeros((), device=device)
+        recon = recon.float().reshape(n_groups, n_members, n_vox)
+        recon_term = ((recon - target)[brain] ** 2).mean() / (2 * self.recon_sigma**2)
+        d = mu.shape[1]
+        mu = mu.float().reshape(n_groups, n_members, n_vox, d)
+        logvar = logvar.float().reshape(n_groups, n_members, n_vox, d)
+        kl_term = gaussian_kl_to_prior(mu[brain], logvar[brain]).mean()
+        # Moyer et al.'s penalty: all pairs among brain voxels drawn from the whole batch
+        flat_mu, flat_lv = mu[brain], logvar[brain]
+        pick = torch.randperm(len(flat_mu), generator=gen, device=device)[: self.pairs]
+        penalty = information_penalty(flat_mu[pick], flat_lv[pick])
+        # the site term, on what is measured downstream: the harmonized output (decoded from mu, as at
+        # apply time) of members that share a template location, with age and sex regressed out
+        site_term = torch.zeros((), device=device)
+        if self.site_weight:
+            ref = torch.nn.functional.one_hot(torch.tensor([self.sites_.index(self.reference_site_)], device=device),
+                                              n_sites).float()
+            all_mu = mu.reshape(-1, d)
+            flat_coords = coords_v.reshape(-1, coords_v.shape[-1])
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = module.decode_voxels(all_mu, ref, flat_coords)
+                own = module.decode_voxels(all_mu, site_v.reshape(-1, n_sites), flat_coords) \
+                    if self.decode == "residual" else None
+            out = out.float().reshape(n_groups, n_members, n_vox)
+            if own is not None:
+                out = target + out - own.float().reshape(n_groups, n_members, n_vox)
+            site_term = site_variance_fraction(out, site_of_member, inside, covariates)
         loss = (1 + self.lam) * recon_term + self.beta * kl_term + self.lam * penalty \
             + self.site_weight * site_term
         return {"loss": loss, "recon": recon_term.detach(), "kl": kl_term.detach(), "penalty": penalty.detach(),

@@ -23,16 +23,19 @@ def pairwise_gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor
 
 
 def _pairwise_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """(..., B, d) -> (..., B, B); leading dimensions are batches of independent sets."""
     dtype = torch.promote_types(mu.dtype, torch.float32)
     mu, logvar = mu.to(dtype), logvar.to(dtype)
     var = logvar.exp()
     inv_var = (-logvar).exp()
-    d = mu.shape[1]
+    d = mu.shape[-1]
+    t = lambda a: a.transpose(-1, -2)  # noqa: E731
     # sum_k var_ik / var_jk
-    trace = var @ inv_var.T
+    trace = var @ t(inv_var)
     # sum_k (mu_ik - mu_jk)^2 / var_jk = sum_k mu_ik^2/var_jk - 2 mu_ik mu_jk/var_jk + mu_jk^2/var_jk
-    quad = (mu * mu) @ inv_var.T - 2.0 * mu @ (mu * inv_var).T + (mu * mu * inv_var).sum(dim=1)[None, :]
-    logdet = logvar.sum(dim=1)[None, :] - logvar.sum(dim=1)[:, None]  # log|S_j| - log|S_i|
+    quad = (mu * mu) @ t(inv_var) - 2.0 * mu @ t(mu * inv_var) + (mu * mu * inv_var).sum(-1)[..., None, :]
+    total = logvar.sum(-1)
+    logdet = total[..., None, :] - total[..., :, None]  # log|S_j| - log|S_i|
     return 0.5 * (trace + quad + logdet - d)
 
 
@@ -56,24 +59,34 @@ def gaussian_kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
 
 
-def matched_site_kl(mu: torch.Tensor, logvar: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean KL(q(z|x_gsv) || q(z|x_gtv)) over sites s != t, for each group g and voxel v with valid[g, v].
+def site_variance_fraction(values: torch.Tensor, site: torch.Tensor, valid: torch.Tensor,
+                           covariates: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over valid voxels of the share of the members' variance that site explains (partial eta²).
 
-    mu, logvar: (G, S, V, d), one subject per site in each group, the same template location v:
-    the information penalty restricted to cross-site pairs at matched anatomy. On template-space
-    images, two subjects at one location differ by anatomy (which the decoder cannot recover without
-    z) and by scanner (which it can, from the site code); so this term takes the scanner out of z
-    first. It measures I(z; site | location) where the all-pairs bound above is loose.
+    values: (G, B, V), B members (several per site) at the same V template voxels of group g;
+    site: (B,) labels; valid: (G, V); covariates: (G, B, c) or None, biological covariates (age, sex)
+    that site must not be credited with: with them, the share is of the variance left after
+    regressing them out, (RSS_without_site - RSS_with_site) / RSS_without_site, as ComBat estimates
+    site effects beside the covariates. A linear site classifier on images feeds on consistent
+    differences of site means, voxel after voxel: this measures that, normalized per voxel so that
+    shrinking everything does not pay.
     """
-    with torch.autocast(device_type=mu.device.type, enabled=False):
-        dtype = torch.promote_types(mu.dtype, torch.float32)
-        mu, logvar = mu.to(dtype), logvar.to(dtype)
-        n_sites = mu.shape[1]
-        if n_sites < 2:
-            return mu.new_zeros(())
-        mu_i, mu_j = mu[:, :, None], mu[:, None, :]
-        lv_i, lv_j = logvar[:, :, None], logvar[:, None, :]
-        kl = 0.5 * (lv_j - lv_i + ((lv_i.exp() + (mu_i - mu_j) ** 2) * (-lv_j).exp()) - 1.0).sum(dim=-1)
-        # kl: (G, S, S, V); its diagonal (s == t) is zero and left out of the count
-        valid = valid[:, None, None, :].to(dtype)
-        return (kl * valid).sum() / (valid.sum() * n_sites * (n_sites - 1)).clamp_min(1.0)
+    values = values.float()
+    n_groups, n_members = values.shape[:2]
+    n_sites = int(site.max()) + 1
+    onehot = torch.nn.functional.one_hot(site, n_sites).to(values.dtype)  # (B, S)
+    base = torch.ones(n_groups, n_members, 1, dtype=values.dtype, device=values.device)
+    if covariates is not None:
+        cov = covariates.to(values.dtype)
+        cov = (cov - cov.mean(1, keepdim=True)) / cov.std(1, keepdim=True).clamp_min(1e-6)
+        base = torch.cat([base, cov], dim=2)
+    full = torch.cat([base, onehot[None, :, 1:].expand(n_groups, -1, -1)], dim=2)
+
+    def projector(design: torch.Tensor) -> torch.Tensor:  # (G, B, B) onto the design's column space
+        return design @ torch.linalg.pinv(design)
+
+    rss_reduced = (values * ((torch.eye(n_members, device=values.device) - projector(base)) @ values)).sum(1)
+    explained = (values * ((projector(full) - projector(base)) @ values)).sum(1)
+    fraction = explained / (rss_reduced + 1e-6)
+    valid = valid.to(values.dtype)
+    return (fraction * valid).sum() / valid.sum().clamp_min(1.0)
