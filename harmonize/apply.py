@@ -49,28 +49,30 @@ def load_count() -> int:
     return LOADS["count"]
 
 
-def _subject_scale(model_dir: str, checksum: str, images_path: str, position: int, mask: np.ndarray) -> float:
+def _subject_context(model_dir: str, checksum: str, images_path: str, position: int, mask: np.ndarray,
+                     site: str, covariates: dict) -> dict:
+    """Worker task for models whose per-subject context reads the whole volume (an intensity reference)."""
     model = cached_model(model_dir, checksum)
-    return float(model.subject_scale(read_volume(images_path, position), mask))
+    return model.subject_context(site, covariates, read_volume(images_path, position), mask)
 
 
-def _harmonize_chunk(block: np.ndarray, model_dir: str, checksum: str, site: str, scale: float,
-                     reference_site: str, halo: int, block_info=None) -> np.ndarray:
+def _harmonize_chunk(block: np.ndarray, model_dir: str, checksum: str, context: dict,
+                     reference_site: str | None, halo: int, block_info=None) -> np.ndarray:
     model = cached_model(model_dir, checksum)
     location = block_info[None]["array-location"][1:]
     spatial = tuple(slice(a, b) for a, b in location)
-    out = model.harmonize_block(block[0], site, scale, spatial, reference_site)
+    out = model.harmonize_block(block[0], context, spatial, reference_site)
     return out[None]
 
 
 def harmonized_graph(images: da.Array, mask: da.Array, model_dir: str, checksum: str, halo: int,
-                     site: str, scale: float, reference_site: str) -> da.Array:
+                     context: dict, reference_site: str | None) -> da.Array:
     """Lazy harmonized volume (1, x, y, z) for one subject's `images[i:i+1]` (chunked like the store)."""
     images = images.rechunk(_merge_small_chunks(images.chunks, halo))
     depth = {0: 0, 1: halo, 2: halo, 3: halo}
     boundary = {0: "none", 1: 0.0, 2: 0.0, 3: 0.0}
     padded = da.overlap.overlap(images, depth=depth, boundary=boundary) if halo else images
-    out = padded.map_blocks(_harmonize_chunk, model_dir, checksum, site, scale, reference_site, halo,
+    out = padded.map_blocks(_harmonize_chunk, model_dir, checksum, context, reference_site, halo,
                             chunks=images.chunks, dtype=np.float32, meta=np.empty((0, 0, 0, 0), np.float32))
     return out * mask.rechunk(images.chunks[1:])[None].astype(np.float32)
 
@@ -102,30 +104,42 @@ class ApplyResult:
                 f"{len(self.skipped)} already done with this model")
 
 
+def _covariates(table, i: int) -> dict:
+    age = table[S.AGE].iat[i]
+    return {S.AGE: None if not np.isfinite(age) else float(age), S.SEX: str(table[S.SEX].iat[i]) or None}
+
+
 def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, client: Client,
                 reference_site: str | None = None, overwrite: bool = False,
-                progress: bool = True) -> ApplyResult:
-    """Harmonize every ingested subject of the store not yet harmonized with this model/reference."""
+                progress: bool = True, output: str = S.HARMONIZED) -> ApplyResult:
+    """Harmonize every ingested subject of the store not yet harmonized with this model/reference.
+
+    Results go to the volume array `output` (`harmonized`, or e.g. `harmonized_combat` for a second model
+    kept beside the first), each subject's status to `<output>_status` after its chunks are written.
+    """
+    if not S.is_output(output):
+        raise ValueError(f"output {output!r} must be 'harmonized' or start with 'harmonized_'")
     store = CohortStore(store_path)
     model_dir = str(Path(model_dir).resolve())
     checksum = model_checksum(model_dir)
     model = load_model(model_dir)
     reference = reference_site or model.reference_site_
-    model.site_code(reference)  # fails early, with the known sites, if the reference is unknown
+    model.check_reference(reference)  # fails early, with what is allowed, if the reference is not
     identity = {"model_checksum": checksum, "model_kind": model.kind, "reference_site": reference,
                 "model_dir": os.path.relpath(model_dir, store.path)}
-    target = store.ensure_volume_array(S.HARMONIZED)
-    previous = {k: target.attrs.get(k) for k in ("model_checksum", "reference_site")}
+    status = S.status_of(output)
+    target = store.ensure_volume_array(output)
+    previous = {k: target.attrs.get(k, "unset") for k in ("model_checksum", "reference_site")}
     table = store.table()
-    if overwrite or (previous["model_checksum"] not in (None, checksum)) or (
-            previous["reference_site"] not in (None, reference)):
+    if overwrite or previous["model_checksum"] not in ("unset", checksum) or (
+            previous["reference_site"] not in ("unset", reference)):
         # another model/reference: every subject's harmonized data is stale, say so before writing
-        store.set_field(S.HARMONIZED_STATUS, np.arange(len(table)), [S.PENDING] * len(table))
+        store.set_field(status, np.arange(len(table)), [S.PENDING] * len(table))
         table = store.table()
     target.attrs.update(identity)
     ingested = table[S.INGEST_STATUS].to_numpy() == S.DONE
-    todo = np.flatnonzero(ingested & (table[S.HARMONIZED_STATUS].to_numpy() != S.DONE))
-    result = ApplyResult(model_dir=model_dir, reference_site=reference,
+    todo = np.flatnonzero(ingested & (table[status].to_numpy() != S.DONE))
+    result = ApplyResult(model_dir=model_dir, reference_site=str(reference or "pooled sites"),
                          skipped=table[S.SUBJECT][ingested & ~np.isin(np.arange(len(table)), todo)].tolist())
     unknown = sorted(set(table[S.SITE].iloc[todo]) - set(model.sites_))
     if unknown:
@@ -135,24 +149,34 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
         return result
     mask = store.mask()
     images_path = store.array_path(S.IMAGES)
-    resources = gpu_resources(client)
-    mask_future = client.scatter(mask, broadcast=True)
-    scale_futures = [client.submit(_subject_scale, model_dir, checksum, images_path, int(i), mask_future,
-                                   pure=False, resources=resources) for i in todo]
-    scales = gather_with_progress(client, scale_futures, "intensity reference", show=progress)
+    resources = gpu_resources(client) if model.uses_gpu else None
+    sites = [str(table[S.SITE].iat[i]) for i in todo]
+    covariates = [_covariates(table, int(i)) for i in todo]
+    if model.needs_volume_context:
+        mask_future = client.scatter(mask, broadcast=True)
+        context_futures = [client.submit(_subject_context, model_dir, checksum, images_path, int(i), mask_future,
+                                          site, cov, pure=False, resources=resources)
+                           for i, site, cov in zip(todo, sites, covariates, strict=True)]
+        contexts = gather_with_progress(client, context_futures, "subject context", show=progress)
+    else:  # from the covariate table alone: errors (a missing covariate) name the subject here
+        contexts = []
+        for i, site, cov in zip(todo, sites, covariates, strict=True):
+            try:
+                contexts.append(model.subject_context(site, cov))
+            except ValueError as exc:
+                raise ValueError(f"sub-{table[S.SUBJECT].iat[i]}: {exc}") from exc
     images = da.from_zarr(zarr.open_array(images_path, mode="r"))
     mask_da = da.from_array(mask, chunks=store.chunks)
-    target = zarr.open_array(store.array_path(S.HARMONIZED), mode="r+")
+    target = zarr.open_array(store.array_path(output), mode="r+")
     halo = int(model.halo)
     futures = []
-    for i, scale in zip(todo, scales, strict=True):
-        lazy = harmonized_graph(images[i:i + 1], mask_da, model_dir, checksum, halo,
-                                str(table[S.SITE].iat[i]), scale, reference)
+    for i, context in zip(todo, contexts, strict=True):
+        lazy = harmonized_graph(images[i:i + 1], mask_da, model_dir, checksum, halo, context, reference)
         region = (slice(int(i), int(i) + 1),) + (slice(None),) * 3
         write = da.store(lazy, target, regions=region, lock=False, compute=False)
         # resources on compute(): dask.annotate is dropped by graph optimization (dask#7036)
         futures.append(client.compute(write, resources=resources))
     gather_with_progress(client, futures, "apply", show=progress)
-    store.set_field(S.HARMONIZED_STATUS, todo, [S.DONE] * len(todo))
+    store.set_field(status, todo, [S.DONE] * len(todo))
     result.harmonized = table[S.SUBJECT].iloc[todo].tolist()
     return result

@@ -56,25 +56,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     _add_cluster(p)
 
-    p = sub.add_parser("fit", help="train a harmonizer on the store (a Dask task; a GPU worker if any)")
+    p = sub.add_parser("fit", help="train a harmonizer on the store (invariant: a Dask task, on a GPU worker if "
+                                   "any; combat: a Dask graph over the store's chunks)",
+                       description="Train a harmonizer on the store's ingested subjects and record it as the "
+                                   "store's current model. --model invariant (default): the site-invariant "
+                                   "conditional VAE. --model combat: voxel-wise ComBat (empirical Bayes, age and "
+                                   "sex effects kept), harmonizing to --reference-site or, without one, to the "
+                                   "pooled sites.")
     p.add_argument("store")
-    p.add_argument("--model", default="invariant", choices=["invariant"])
-    p.add_argument("--reference-site", default=None, help="site to harmonize to (default: first by name)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--lam", type=float, default=None, help="weight of the information penalty")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--model", default="invariant", choices=["invariant", "combat"])
+    p.add_argument("--reference-site", default=None,
+                   help="site to harmonize to (invariant default: first by name; combat default: pooled sites)")
+    p.add_argument("--steps", type=int, default=None, help="invariant: training steps")
+    p.add_argument("--lam", type=float, default=None, help="invariant: weight of the information penalty")
+    p.add_argument("--seed", type=int, default=None, help="invariant: random seed")
     _add_cluster(p)
 
     p = sub.add_parser("apply", help="harmonize every ingested subject with the fitted model (Dask graph)")
     p.add_argument("store")
     p.add_argument("--reference-site", default=None)
-    p.add_argument("--model-dir", default=None, help="a saved model folder (default: the store's latest fit)")
+    p.add_argument("--model", default=None, choices=["invariant", "combat"],
+                   help="use the latest fit of this kind (default: the store's latest fit of any kind)")
+    p.add_argument("--model-dir", default=None, help="a saved model folder (overrides --model)")
+    p.add_argument("--output", default="harmonized",
+                   help="volume array to write: 'harmonized' (default) or 'harmonized_<name>' to keep "
+                        "a second model's output beside it")
     p.add_argument("--overwrite", action="store_true", help="recompute subjects already harmonized")
     _add_cluster(p)
 
     p = sub.add_parser("export", help="write harmonized volumes as BIDS-derivative NIfTI files")
     p.add_argument("store")
     p.add_argument("out_dir")
+    p.add_argument("--output", default="harmonized", help="which harmonized array to export")
     _add_cluster(p)
 
     p = sub.add_parser("corex", help="Linear CorEx factors of regional features, written into the store")
@@ -130,18 +143,24 @@ def _run(args) -> int:
             print(result.summary())
             return EXIT_REJECTED if result.rejected else EXIT_OK
         if args.command == "fit":
-            params = {k: v for k, v in (("reference_site", args.reference_site), ("steps", args.steps),
-                                        ("lam", args.lam), ("seed", args.seed)) if v is not None}
+            given = (("reference_site", args.reference_site), ("steps", args.steps), ("lam", args.lam),
+                     ("seed", args.seed))
+            if args.model == "combat":
+                ignored = [k for k, v in given[1:] if v is not None]
+                if ignored:
+                    print(f"harmonize fit: error: {ignored} apply to the invariant model only", file=sys.stderr)
+                    return EXIT_USAGE
+            params = {k: v for k, v in given if v is not None}
             path = pipeline.fit(args.store, client, args.model, params, progress=show)
             print(f"model: {path}")
             return EXIT_OK
         if args.command == "apply":
             result = pipeline.apply(args.store, client, args.model_dir, args.reference_site, args.overwrite,
-                                    progress=show)
+                                    progress=show, kind=args.model, output=args.output)
             print(result.summary())
             return EXIT_OK
         if args.command == "export":
-            paths = pipeline.export(args.store, args.out_dir, client, progress=show)
+            paths = pipeline.export(args.store, args.out_dir, client, progress=show, output=args.output)
             print(f"export: {len(paths)} file(s) in {args.out_dir}")
             return EXIT_OK
         if args.command == "corex":

@@ -52,6 +52,8 @@ def make_report(store_path: str | os.PathLike, groundtruth_dir: str | os.PathLik
     out = Path(out_dir) if out_dir else store.path / S.REPORTS_DIR / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     table = store.table()
+    if S.HARMONIZED not in store.outputs():
+        raise ValueError(f"{store.path} has no harmonized images yet: run `harmonize apply` first")
     positions = np.flatnonzero((table[S.INGEST_STATUS].to_numpy() == S.DONE)
                                & (table[S.HARMONIZED_STATUS].to_numpy() == S.DONE))
     if len(positions) < 4:
@@ -60,7 +62,12 @@ def make_report(store_path: str | os.PathLike, groundtruth_dir: str | os.PathLik
     sites = table[S.SITE].to_numpy()[positions].astype(str)
     age = table[S.AGE].to_numpy()[positions].astype(float)
     subjects = table[S.SUBJECT].to_numpy()[positions].astype(str)
-    images = {"raw": _volumes(store, S.IMAGES, positions), "harmonized": _volumes(store, S.HARMONIZED, positions)}
+    images = {"raw": _volumes(store, S.IMAGES, positions)}
+    # every model's output kept in the store, side by side on the same subjects (the main one first)
+    for output in sorted(store.outputs(), key=lambda o: o != S.HARMONIZED):
+        if (table[S.status_of(output)].to_numpy()[positions] == S.DONE).all():
+            kind = store.group[output].attrs.get("model_kind", output)
+            images[f"harmonized ({kind})"] = _volumes(store, output, positions)
     truth_available = groundtruth_dir is not None and all(
         groundtruth_path(groundtruth_dir, s).exists() for s in subjects)
     if truth_available:

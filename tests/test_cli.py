@@ -51,10 +51,17 @@ def test_stages_one_by_one_on_a_store(cohort_copy, tmp_path, client, capsys):
     assert main(["export", str(store), str(tmp_path / "out"), *common]) == EXIT_OK
     exported = sorted(p.name for p in (tmp_path / "out").rglob("*.nii.gz"))
     assert len(exported) == 11 and exported[0] == "sub-002_desc-harmonized_T1w.nii.gz"
+    # ComBat beside it: its own fit, its own output array, the same report
+    assert main(["fit", str(store), "--model", "combat", "--steps", "3", *common]) == 2  # not a ComBat option
+    assert main(["fit", str(store), "--model", "combat", "--reference-site", "NYU", *common]) == EXIT_OK
+    assert main(["apply", str(store), "--model", "combat", "--output", "harmonized_combat", *common]) == EXIT_OK
+    assert main(["export", str(store), str(tmp_path / "combat"), "--output", "harmonized_combat", *common]) == EXIT_OK
+    assert len(list((tmp_path / "combat").rglob("sub-*_desc-harmonizedCombat_T1w.nii.gz"))) == 11
     assert main(["corex", str(store), "--factors", "2", *common]) == EXIT_OK
     assert main(["report", str(store), "--out", str(tmp_path / "report")]) == EXIT_OK
     numbers = json.loads((tmp_path / "report" / "report.json").read_text())
-    for name in ("raw", "harmonized"):
+    assert numbers["model"]["model_kind"] == "invariant"  # the main output stays the invariant model's
+    for name in ("raw", "harmonized (invariant)", "harmonized (combat)"):
         sp = numbers["images"][name]["site_predictability"]
         assert 0.0 <= sp["accuracy"] <= 1.0 and sp["chance"] == pytest.approx(4 / 11)
         assert np.isfinite(numbers["images"][name]["age_r2"]["r2"])

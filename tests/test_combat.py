@@ -268,7 +268,7 @@ def test_save_load_round_trip(tmp_path):
     for p in folder.iterdir():
         assert not p.read_bytes().startswith(b"\x80"), f"{p.name} looks like a pickle"
     config = json.loads((folder / "config.json").read_text())
-    assert config["kind"] == "combat" and config["learned"]["design"]["sites"] == ["A", "B", "C"]
+    assert config["kind"] == "combat-table" and config["learned"]["design"]["sites"] == ["A", "B", "C"]
     loaded = ComBatHarmonizer.load(folder)
     assert loaded.checksum_ == model.checksum_
     assert np.array_equal(loaded.transform(X, sites, covars), out)

@@ -73,7 +73,7 @@ def test_blocks_with_halo_equal_whole_volume(fitted_model, dataset):
     site = str(dataset[S.SITE].values[7])
     mask = dataset[S.MASK].values.astype(bool)
     whole = model.harmonize_volume(vol, site, mask)
-    scale = model.subject_scale(vol, mask)
+    context = model.subject_context(site, volume=vol, mask=mask)
     h = model.halo
     padded = np.pad(vol, h)
     stitched = np.zeros_like(vol)
@@ -84,7 +84,7 @@ def test_blocks_with_halo_equal_whole_volume(fitted_model, dataset):
                 loc = (slice(x, min(x + step, vol.shape[0])), slice(y, min(y + step, vol.shape[1])),
                        slice(z, min(z + step, vol.shape[2])))
                 block = padded[tuple(slice(s.start, s.stop + 2 * h) for s in loc)]
-                stitched[loc] = model.harmonize_block(block, site, scale, loc)
+                stitched[loc] = model.harmonize_block(block, context, loc)
     np.testing.assert_allclose(stitched * mask, whole, rtol=1e-5, atol=1e-3)
 
 

@@ -4,6 +4,7 @@ A cohort store is a Zarr v3 group (a folder) that xarray opens as one Dataset:
 
     images      (subject, x, y, z)  float32   source intensities on the reference grid; NaN = not written
     harmonized  (subject, x, y, z)  float32   output of `harmonize apply` (attrs: model checksum, reference site)
+    harmonized_<kind> (subject, x, y, z)      the same for a second model kept beside it (e.g. harmonized_combat)
     mask        (x, y, z)           uint8     brain mask of the reference grid
     parcellation(x, y, z)           int16     regions for regional features (0 = outside)
     affine      (subject, row, col) float64   each subject's original voxel-to-world affine
@@ -11,7 +12,7 @@ A cohort store is a Zarr v3 group (a folder) that xarray opens as one Dataset:
     site, sex   (subject)           string    covariates (variable-length UTF-8)
     age         (subject)           float64
     source_sha256, source_path (subject) string   provenance: content checksum, path relative to the input root
-    ingest_status, harmonized_status (subject) int8   written *after* the data they describe
+    ingest_status, <output>_status (subject) int8   written *after* the data they describe
     corex_scores (subject, factor), corex_weights (factor, region), corex_tcs (factor)
 
 Group attrs hold the schema version, the reference grid (shape, affine, voxel size) and the chunk shape.
@@ -53,6 +54,22 @@ FLOAT_FIELDS = (AGE,)
 STATUS_FIELDS = (INGEST_STATUS, HARMONIZED_STATUS)
 # coordinates xarray attaches to every subject-indexed variable
 SUBJECT_COORDS = (SITE, AGE, SEX)
+
+
+
+def status_of(output: str) -> str:
+    """The per-subject status array of a volume output (`images` -> `ingest_status`)."""
+    return INGEST_STATUS if output == IMAGES else f"{output}_status"
+
+
+def output_for(kind: str | None = None) -> str:
+    """Where `apply` writes: `harmonized` by default, `harmonized_<kind>` for a model kept beside it."""
+    return HARMONIZED if kind is None else f"{HARMONIZED}_{kind}"
+
+
+def is_output(name: str) -> bool:
+    return name == HARMONIZED or name.startswith(HARMONIZED + "_") and not name.endswith("_status")
+
 
 # status codes
 PENDING = 0

@@ -118,7 +118,8 @@ class CohortStore:
         """One row per subject: covariates, provenance and status, indexed by store position."""
         n = self.n_subjects
         cols = {}
-        for name in (*S.STRING_FIELDS, *S.FLOAT_FIELDS, *S.STATUS_FIELDS):
+        statuses = [S.status_of(o) for o in self.outputs() if S.status_of(o) not in S.STATUS_FIELDS]
+        for name in (*S.STRING_FIELDS, *S.FLOAT_FIELDS, *S.STATUS_FIELDS, *statuses):
             cols[name] = self.group[name][:] if n else np.array([], dtype=object)
         df = pd.DataFrame(cols)
         for name in S.STRING_FIELDS:
@@ -140,21 +141,26 @@ class CohortStore:
             return np.arange(0)
         n1 = n0 + k
         shape = self.grid.shape
-        self.group[S.IMAGES].resize((n1, *shape))
-        if S.HARMONIZED in self.group:
-            self.group[S.HARMONIZED].resize((n1, *shape))
+        outputs = self.outputs()
+        for name in (S.IMAGES, *outputs):
+            self.group[name].resize((n1, *shape))
         self.group[S.AFFINE].resize((n1, 4, 4))
         self.group[S.AFFINE][n0:n1] = np.stack([np.asarray(a, float) for a in rows[S.AFFINE]])
-        for name in (*S.STRING_FIELDS, *S.FLOAT_FIELDS, *S.STATUS_FIELDS):
+        statuses = (*S.STATUS_FIELDS, *(S.status_of(o) for o in outputs if S.status_of(o) not in S.STATUS_FIELDS))
+        for name in (*S.STRING_FIELDS, *S.FLOAT_FIELDS, *statuses):
             self.group[name].resize((n1,))
         for name in S.STRING_FIELDS:
             values = rows[name] if name in rows else pd.Series([""] * k)
             self.group[name][n0:n1] = np.array([str(v) for v in values], dtype=object)
         ages = rows[S.AGE] if S.AGE in rows else pd.Series([np.nan] * k)
         self.group[S.AGE][n0:n1] = np.asarray(ages, dtype="float64")
-        for name in S.STATUS_FIELDS:
+        for name in statuses:
             self.group[name][n0:n1] = np.full(k, S.PENDING, dtype="int8")
         return np.arange(n0, n1)
+
+    def outputs(self) -> list[str]:
+        """The harmonized volume arrays in this store (`harmonized`, `harmonized_<kind>`)."""
+        return sorted(name for name in self.group.array_keys() if S.is_output(name))
 
     def set_field(self, name: str, positions: Sequence[int], values: Sequence) -> None:
         positions = np.asarray(positions, dtype=int)
@@ -166,6 +172,8 @@ class CohortStore:
         arr[:] = current
 
     def status(self, name: str) -> np.ndarray:
+        if name not in self.group:  # an output never written: every subject pending
+            return np.full(self.n_subjects, S.PENDING, dtype="int8")
         return self.group[name][:] if self.n_subjects else np.zeros(0, dtype="int8")
 
     # ---- volume arrays --------------------------------------------------------------------
@@ -177,6 +185,12 @@ class CohortStore:
         if name not in self.group:
             _create(self.group, name, (self.n_subjects, *self.grid.shape), (1, *self.chunks),
                     "float32", S.VOLUME_DIMS, np.nan, _subject_attrs())
+        status = S.status_of(name)
+        if status not in self.group:
+            _create(self.group, status, (self.n_subjects,), (_STRING_CHUNK,), "int8", (S.SUBJECT,), S.PENDING,
+                    _subject_attrs())
+            if self.n_subjects:
+                self.group[status][:] = np.full(self.n_subjects, S.PENDING, dtype="int8")
         arr = self.group[name]
         if attrs:
             arr.attrs.update(attrs)
@@ -208,7 +222,8 @@ class CohortStore:
             warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component",
                                     category=UserWarning)
             ds = xr.open_zarr(str(self.path), consolidated=False, chunks={})
-        for name in (S.SUBJECT, S.SITE, S.SEX, S.AGE, S.INGEST_STATUS, S.HARMONIZED_STATUS):
+        statuses = [S.status_of(o) for o in self.outputs()]
+        for name in (S.SUBJECT, S.SITE, S.SEX, S.AGE, S.INGEST_STATUS, *statuses):
             if name in ds.variables:
                 values = ds[name].values
                 if values.dtype.kind == "T":  # numpy StringDType: object arrays work everywhere downstream

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
-MODEL_KIND = "combat"
+MODEL_KIND = "combat-table"  # the image-level model (harmonize.models.voxel_combat) is "combat"
 CONVERGENCE = 1e-4
 MAX_ITER = 10_000
 _NONPARAMETRIC_BLOCK = 1 << 22  # elements of the (features x prior features) work matrix per block
@@ -418,6 +418,20 @@ def chunk_statistics(Y_chunk: np.ndarray, design: Design, *, mean_only: bool = F
                            mean_only=mean_only)
 
 
+def concatenate_statistics(parts: Sequence[ChunkStatistics]) -> ChunkStatistics:
+    """Adjacent chunks (in feature order) as one chunk: per-feature arrays joined, moments merged."""
+    if not parts:
+        raise ValueError("concatenate_statistics needs at least one chunk")
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    per_feature = ("B_hat", "grand_mean", "var_pooled", "passthrough", "site_mean", "site_ss", "gamma_hat",
+                   "delta_hat")
+    joined = {k: np.concatenate([getattr(p, k) for p in parts], axis=-1) for k in per_feature}
+    return ChunkStatistics(feature_offset=first.feature_offset, counts=first.counts, summary=merge_statistics(parts),
+                           reference=first.reference, mean_only=first.mean_only, **joined)
+
+
 def merge_statistics(parts: Sequence[HyperStatistics | ChunkStatistics]) -> HyperStatistics:
     """Merge per-chunk moments (Chan, Golub & LeVeque's pairwise update): any chunking of the features
     gives the moments of the whole to rounding error."""
@@ -732,6 +746,13 @@ def fit_parameters(Y: np.ndarray, design: Design, *, eb: bool = True, parametric
     Y = np.asarray(Y, dtype=np.float64)
     bounds = _bounds(Y.shape[1], chunks)
     stats = [chunk_statistics(Y[:, a:b], design, mean_only=mean_only, feature_offset=a) for a, b in bounds]
+    return fit_from_statistics(stats, design, eb=eb, parametric=parametric, mean_only=mean_only)
+
+
+def fit_from_statistics(stats: Sequence[ChunkStatistics], design: Design, *, eb: bool = True,
+                        parametric: bool = True, mean_only: bool = False) -> FitResult:
+    """Steps 2-3 of the fit from the chunks' statistics (no data needed): hyper-priors, EB, parameters.
+    The chunks may have been computed anywhere (e.g. as Dask tasks over a store)."""
     merged = merge_statistics(stats)
     priors = hyperpriors(merged, mean_only=mean_only) if eb else (
         hyperpriors(merged, mean_only=mean_only) if (merged.count >= 2).all() else None)

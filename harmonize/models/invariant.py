@@ -448,20 +448,34 @@ class InvariantHarmonizer:
                              "refit with subjects from that site")
         return self.sites_.index(site)
 
-    def subject_scale(self, volume: np.ndarray, mask: np.ndarray) -> float:
-        return white_matter_peak(volume, mask)
+    def check_reference(self, reference_site: str | None) -> None:
+        """Any training site can be the target: the decoder is conditioned on the site."""
+        self.site_code(reference_site or self.reference_site_)
+
+    uses_gpu = True  # apply tasks ask for a GPU worker when the cluster has one
+    needs_volume_context = True  # the per-subject intensity reference is read from the whole volume
+
+    def subject_context(self, site: str, covariates: dict | None = None, volume: np.ndarray | None = None,
+                        mask: np.ndarray | None = None) -> dict:
+        """What every chunk of one subject needs: its site and its white-matter intensity reference."""
+        self.site_code(site)
+        if volume is None or mask is None:
+            raise ValueError("the invariant model needs the subject's volume and the mask for its intensity scale")
+        return {"site": str(site), "scale": float(white_matter_peak(volume, mask))}
 
     @torch.no_grad()
-    def harmonize_block(self, block: np.ndarray, site: str, scale: float,
-                        location: tuple[slice, slice, slice], reference_site: str | None = None) -> np.ndarray:
+    def harmonize_block(self, block: np.ndarray, context: dict, location: tuple[slice, slice, slice],
+                        reference_site: str | None = None) -> np.ndarray:
         """Harmonize one chunk given with a halo of `halo` voxels on every side (zeros beyond the grid).
 
-        `location` is the chunk's position in the grid *without* the halo; returns the chunk.
+        `context` comes from :meth:`subject_context`; `location` is the chunk's position in the grid
+        *without* the halo; returns the chunk.
         """
         self._require_fitted()
         r = RECEPTIVE_RADIUS
         module = self.model_
         reference = reference_site or self.reference_site_
+        site, scale = context["site"], context["scale"]
         src, ref = self.site_code(site), self.site_code(reference)
         device = next(module.parameters()).device
         x = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32) / np.float32(scale))
@@ -484,10 +498,10 @@ class InvariantHarmonizer:
     def harmonize_volume(self, volume: np.ndarray, site: str, mask: np.ndarray,
                          reference_site: str | None = None) -> np.ndarray:
         """Harmonize one whole volume in memory (the unchunked reference for the graph layer)."""
-        scale = self.subject_scale(volume, mask)
+        context = self.subject_context(site, volume=volume, mask=mask)
         padded = np.pad(np.asarray(volume, dtype=np.float32), RECEPTIVE_RADIUS)
         location = tuple(slice(0, n) for n in volume.shape)
-        return self.harmonize_block(padded, site, scale, location, reference_site) * mask
+        return self.harmonize_block(padded, context, location, reference_site) * mask
 
     def transform(self, dataset: xr.Dataset, reference_site: str | None = None) -> xr.Dataset:
         """Return the dataset with a `harmonized` variable (eager; use harmonize.apply for stores)."""

@@ -1,0 +1,50 @@
+"""The graph layer for fits that run over the store's chunks (ComBat).
+
+ComBat's fit is one pass of per-block statistics (all subjects x one spatial block of the grid), which
+run as Dask tasks next to the data, each reading whole Zarr chunks; the client then pools the per-site
+hyper-priors over all voxels and finishes the empirical-Bayes step from the statistics alone (no data).
+The statistics are O(sites x voxels), so no process ever holds a subjects x voxels matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+from distributed import Client
+
+from harmonize.cluster import gather_with_progress
+from harmonize.io import schema as S
+from harmonize.io.store import CohortStore
+from harmonize.models.combat import ChunkStatistics, Design
+from harmonize.models.voxel_combat import VoxelComBat, block_locations, block_statistics, covariate_frame
+
+
+def _block_task(images_path: str, positions: np.ndarray, location: tuple[slice, slice, slice],
+                mask_block: np.ndarray, design: Design, mean_only: bool, feature_offset: int) -> ChunkStatistics:
+    images = zarr.open_array(images_path, mode="r")
+    # orthogonal selection: these subjects, this block (whole chunks, so each is decompressed once)
+    block = images.get_orthogonal_selection((np.asarray(positions), *location))
+    return block_statistics(block, mask_block, design, mean_only=mean_only, feature_offset=feature_offset)
+
+
+def fit_combat(store_path, client: Client, params: dict | None = None, progress: bool = True) -> VoxelComBat:
+    """Fit voxel-wise ComBat on the store's ingested subjects with Dask; returns the fitted model."""
+    store = CohortStore(store_path)
+    model = VoxelComBat(**(params or {}))
+    table = store.table()
+    positions = np.flatnonzero(table[S.INGEST_STATUS].to_numpy() == S.DONE)
+    rows = table.iloc[positions].reset_index(drop=True)
+    covariates = covariate_frame(rows, list(model.covariates or []))
+    if S.SEX in covariates:
+        covariates[S.SEX] = covariates[S.SEX].replace("", None)
+    design = model.design(rows[S.SITE].astype(str).tolist(), covariates)
+    mask = store.mask()
+    block = tuple(model.block) if model.block else store.chunks
+    blocks = block_locations(mask.shape, block, mask)
+    model._check_size(int(mask.sum()))  # noqa: SLF001 - fail before any work is sent
+    offsets = np.concatenate([[0], np.cumsum([int(mask[loc].sum()) for loc in blocks])])
+    design_future = client.scatter(design, broadcast=True)
+    futures = [client.submit(_block_task, store.array_path(S.IMAGES), positions, loc, mask[loc], design_future,
+                             model.mean_only, int(offsets[k]), pure=False) for k, loc in enumerate(blocks)]
+    stats = gather_with_progress(client, futures, "combat statistics", show=progress)
+    return model.fit_from_blocks(stats, blocks, mask, design)
