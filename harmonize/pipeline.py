@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 from distributed import Client
 
@@ -40,9 +41,11 @@ def _train_task(store_path: str, kind: str, params: dict, threads: int) -> str:
     except ValueError:  # not on a worker
         report = None
     store = CohortStore(store_path)
-    dataset = store.dataset(only_ingested=True)
     model = MODELS[kind](**{"torch_threads": threads, **params})
-    model.fit(dataset, progress=report)
+    # read the cohort inside this task's process (the GPU worker when there is one): otherwise each
+    # volume read becomes tasks spread over the cluster (CPU workers) and is shipped back here
+    with dask.config.set(scheduler="threads"):
+        model.fit(store.dataset(only_ingested=True), progress=report)
     path = store.path / S.MODELS_DIR / f"{kind}-{model.checksum_}"
     model.save(path)
     return str(path)
@@ -50,7 +53,12 @@ def _train_task(store_path: str, kind: str, params: dict, threads: int) -> str:
 
 def fit(store_path: str | os.PathLike, client: Client, kind: str = "invariant", params: dict | None = None,
         progress: bool = True) -> Path:
-    """Train a harmonizer on the store's ingested subjects as one Dask task; returns the model folder."""
+    """Train a harmonizer on the store's ingested subjects; returns the model folder.
+
+    The invariant model trains as one Dask task (on a GPU worker when the cluster has one); ComBat runs
+    as a graph of per-block statistics over the store's chunks. The folder is recorded as the store's
+    current model (and current model of its kind), which `apply` uses by default.
+    """
     if kind not in MODELS:
         raise ValueError(f"unknown model {kind!r}; choose from {sorted(MODELS)}")
     store = CohortStore(store_path)
@@ -59,6 +67,14 @@ def fit(store_path: str | os.PathLike, client: Client, kind: str = "invariant", 
         raise ValueError(f"{store.path} has {n} ingested subject(s); fitting needs at least 2 per site. "
                          "Run `harmonize ingest` first.")
     params = dict(params or {})
+    if kind == "combat":
+        from harmonize.fit_graph import fit_combat
+
+        params.pop("torch_threads", None)
+        model = fit_combat(store.path, client, params, progress=progress)
+        path = model.save(store.path / S.MODELS_DIR / f"{kind}-{model.checksum_}")
+        _set_current(store, kind, path)
+        return path
     resources = gpu_resources(client)
     # training is the only task running: let it use the cluster's threads when they share a machine
     threads = params.pop("torch_threads", None) or (1 if resources else min(total_threads(client),
@@ -72,8 +88,13 @@ def fit(store_path: str | os.PathLike, client: Client, kind: str = "invariant", 
     finally:
         client.unsubscribe_topic(PROGRESS_TOPIC)
         bar.close()
-    dump_json(store.path / S.MODELS_DIR / CURRENT_MODEL, {"path": os.path.relpath(path, store.path)})
+    _set_current(store, kind, path)
     return path
+
+
+def _set_current(store: CohortStore, kind: str, path: Path) -> None:
+    for name in (CURRENT_MODEL, f"current-{kind}.json"):
+        dump_json(store.path / S.MODELS_DIR / name, {"path": os.path.relpath(path, store.path), "kind": kind})
 
 
 class _ProgressBar:
@@ -95,19 +116,25 @@ class _ProgressBar:
         self.bar.close()
 
 
-def current_model(store_path: str | os.PathLike) -> Path:
+def current_model(store_path: str | os.PathLike, kind: str | None = None) -> Path:
+    """The store's latest fitted model folder (of `kind`, when given)."""
     store = CohortStore(store_path)
-    pointer = store.path / S.MODELS_DIR / CURRENT_MODEL
+    pointer = store.path / S.MODELS_DIR / (f"current-{kind}.json" if kind else CURRENT_MODEL)
     if not pointer.exists():
-        raise FileNotFoundError(f"{store.path} has no fitted model yet: run `harmonize fit {store.path}`")
+        option = f" --model {kind}" if kind else ""
+        raise FileNotFoundError(f"{store.path} has no fitted {kind or ''} model yet: run "
+                                f"`harmonize fit {store.path}{option}`")
     return (store.path / json.loads(pointer.read_text())["path"]).resolve()
 
 
 # ---- apply / export ------------------------------------------------------------------------------
 def apply(store_path: str | os.PathLike, client: Client, model_dir: str | os.PathLike | None = None,
-          reference_site: str | None = None, overwrite: bool = False, progress: bool = True) -> ApplyResult:
-    model_dir = model_dir or current_model(store_path)
-    return apply_model(store_path, model_dir, client, reference_site, overwrite, progress)
+          reference_site: str | None = None, overwrite: bool = False, progress: bool = True,
+          kind: str | None = None, output: str = S.HARMONIZED) -> ApplyResult:
+    """Harmonize the store's subjects with `model_dir` (default: the latest fit, of `kind` if given) into
+    the volume array `output`."""
+    model_dir = model_dir or current_model(store_path, kind)
+    return apply_model(store_path, model_dir, client, reference_site, overwrite, progress, output=output)
 
 
 def _export_one(array_path: str, position: int, grid_attrs: dict, affine: np.ndarray, path: str) -> str:
@@ -118,27 +145,32 @@ def _export_one(array_path: str, position: int, grid_attrs: dict, affine: np.nda
 
 
 def export(store_path: str | os.PathLike, out_dir: str | os.PathLike, client: Client,
-           progress: bool = True) -> list[Path]:
-    """Harmonized volumes -> BIDS derivative NIfTI files, each in its subject's original affine."""
+           progress: bool = True, output: str = S.HARMONIZED) -> list[Path]:
+    """Harmonized volumes -> BIDS derivative NIfTI files, each in its subject's original affine.
+
+    `output` picks the store's volume array (`harmonized`, `harmonized_combat`, ...); its files are named
+    `desc-harmonized` or `desc-harmonized<Kind>` (BIDS labels are alphanumeric).
+    """
     from harmonize.cluster import gather_with_progress
 
     store = CohortStore(store_path)
     out = Path(out_dir)
     table = store.table()
-    done = np.flatnonzero(store.status(S.HARMONIZED_STATUS) == S.DONE)
+    done = np.flatnonzero(store.status(S.status_of(output)) == S.DONE)
     if len(done) == 0:
-        raise ValueError(f"{store.path} has no harmonized subjects yet: run `harmonize apply` first")
+        raise ValueError(f"{store.path} has no subjects in {output!r} yet: run `harmonize apply` first")
     affines = store.group[S.AFFINE][:]
     grid_attrs = store.grid.to_attrs()
-    array_path = store.array_path(S.HARMONIZED)
+    array_path = store.array_path(output)
+    desc = "".join(part.capitalize() if k else part for k, part in enumerate(output.split("_")))
     futures = []
     for i in done:
         sub = table[S.SUBJECT].iat[i]
-        path = out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-harmonized_T1w.nii.gz"
+        path = out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-{desc}_T1w.nii.gz"
         futures.append(client.submit(_export_one, array_path, int(i), grid_attrs, affines[i], str(path),
                                      pure=False))
     paths = [Path(p) for p in gather_with_progress(client, futures, "export", show=progress)]
-    attrs = store.group[S.HARMONIZED].attrs
+    attrs = store.group[output].attrs
     dump_json(out / "dataset_description.json", {
         "Name": "harmonize output", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "harmonize", "Description": f"{attrs.get('model_kind')} model "
@@ -196,9 +228,15 @@ def demo(workdir: str | os.PathLike = "harmonize-demo", spec: CohortSpec | None 
     with use_client(client, cluster_spec, quiet=not progress) as cl:
         stages = [
             ("ingest", lambda: ingest(sim["bids_dir"], store_path, cl, progress=progress)),
+            # ComBat, the baseline every reader asks for, is kept beside the main model's output
+            ("fit combat", lambda: fit(store_path, cl, "combat", {"reference_site": spec.reference},
+                                       progress=progress)),
+            ("apply combat", lambda: apply(store_path, cl, reference_site=spec.reference, progress=progress,
+                                           kind="combat", output=S.output_for("combat"))),
             ("fit", lambda: fit(store_path, cl, "invariant",
                                 {"reference_site": spec.reference, **(fit_params or {})}, progress=progress)),
-            ("apply", lambda: apply(store_path, cl, reference_site=spec.reference, progress=progress)),
+            ("apply", lambda: apply(store_path, cl, reference_site=spec.reference, progress=progress,
+                                    kind="invariant")),
             ("export", lambda: export(store_path, work / "harmonized", cl, progress=progress)),
             ("corex", lambda: corex(store_path, cl, progress=progress)),
         ]
