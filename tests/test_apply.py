@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 import zarr
 
 from harmonize import apply as apply_mod
@@ -29,7 +30,9 @@ def test_apply_matches_in_memory_and_is_idempotent(small_store, fitted_model, tm
     model = load_model(fitted_model)
     mask = ds[S.MASK].values.astype(bool)
     for i in (0, 5, 11):  # chunked over 16^3 chunks of a 34x40x33 grid: seams would show here
-        expected = model.harmonize_volume(ds[S.IMAGES].values[i], str(ds[S.SITE].values[i]), mask)
+        covariates = {S.AGE: float(ds[S.AGE].values[i]), S.SEX: str(ds[S.SEX].values[i])}
+        expected = model.harmonize_volume(ds[S.IMAGES].values[i], str(ds[S.SITE].values[i]), mask,
+                                          covariates=covariates)
         np.testing.assert_allclose(ds[S.HARMONIZED].values[i], expected, rtol=1e-5, atol=1e-3)
     assert (ds[S.HARMONIZED_STATUS].values == S.DONE).all()
     before = zarr.open_array(str(store_path / S.HARMONIZED))[...]
@@ -44,9 +47,20 @@ def test_apply_matches_in_memory_and_is_idempotent(small_store, fitted_model, tm
 
 
 def test_reference_site_change_marks_everything_stale(small_store, fitted_model, tmp_path, client):
+    from harmonize.models.invariant import InvariantHarmonizer
+
     store_path = _store_copy(small_store, tmp_path)
     apply_mod.apply_model(store_path, fitted_model, client, reference_site="NYU", progress=False)
-    out = apply_mod.apply_model(store_path, fitted_model, client, reference_site="UM", progress=False)
+    # the calibrated model was fitted for NYU: another target needs a refit, and says so before writing
+    with pytest.raises(ValueError, match="calibrated to site 'NYU'"):
+        apply_mod.apply_model(store_path, fitted_model, client, reference_site="UM", progress=False)
+    assert (zarr.open_group(str(store_path))[S.HARMONIZED_STATUS][...] == S.DONE).all()
+    # an uncalibrated network can decode to any training site: a new target re-harmonizes everyone
+    ds = CohortStore(store_path).dataset().load()
+    free = InvariantHarmonizer(steps=4, eval_every=2, crop=10, seed=1, torch_threads=1, calibrate="none").fit(ds)
+    folder = free.save(tmp_path / "free")
+    apply_mod.apply_model(store_path, folder, client, reference_site="NYU", progress=False)
+    out = apply_mod.apply_model(store_path, folder, client, reference_site="UM", progress=False)
     assert len(out.harmonized) == 12
     assert zarr.open_group(str(store_path))[S.HARMONIZED].attrs["reference_site"] == "UM"
 

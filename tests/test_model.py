@@ -14,6 +14,10 @@ from harmonize.models import load_model
 from harmonize.models.invariant import InvariantHarmonizer
 
 
+def _covariates(dataset, i: int) -> dict:
+    return {S.AGE: float(dataset[S.AGE].values[i]), S.SEX: str(dataset[S.SEX].values[i])}
+
+
 @pytest.fixture(scope="module")
 def dataset(small_store):
     return CohortStore(small_store).dataset().load()
@@ -24,12 +28,16 @@ def test_save_load_roundtrip_gives_identical_output(fitted_model, dataset):
     again = InvariantHarmonizer.load(fitted_model)
     vol = dataset[S.IMAGES].isel(subject=4).values
     mask = dataset[S.MASK].values.astype(bool)
-    a = model.harmonize_volume(vol, str(dataset[S.SITE].values[4]), mask)
-    b = again.harmonize_volume(vol, str(dataset[S.SITE].values[4]), mask)
+    covariates = _covariates(dataset, 4)
+    a = model.harmonize_volume(vol, str(dataset[S.SITE].values[4]), mask, covariates=covariates)
+    b = again.harmonize_volume(vol, str(dataset[S.SITE].values[4]), mask, covariates=covariates)
     np.testing.assert_array_equal(a, b)
     config = json.loads((fitted_model / "config.json").read_text())
     assert config["kind"] == "invariant" and config["learned"]["sites"] == ["NYU", "UM", "USM"]
-    assert sorted(p.name for p in fitted_model.iterdir()) == ["config.json", "history.json", "weights.safetensors"]
+    assert sorted(p.name for p in fitted_model.iterdir()) == ["calibration", "config.json", "history.json",
+                                                              "weights.safetensors"]
+    assert sorted(p.name for p in (fitted_model / "calibration").iterdir()) == ["config.json",
+                                                                                "parameters.safetensors"]
 
 
 def test_tampered_weights_are_refused(fitted_model, tmp_path):
@@ -72,8 +80,8 @@ def test_blocks_with_halo_equal_whole_volume(fitted_model, dataset):
     vol = dataset[S.IMAGES].isel(subject=7).values
     site = str(dataset[S.SITE].values[7])
     mask = dataset[S.MASK].values.astype(bool)
-    whole = model.harmonize_volume(vol, site, mask)
-    context = model.subject_context(site, volume=vol, mask=mask)
+    whole = model.harmonize_volume(vol, site, mask, covariates=_covariates(dataset, 7))
+    context = model.subject_context(site, _covariates(dataset, 7), volume=vol, mask=mask)
     h = model.halo
     padded = np.pad(vol, h)
     stitched = np.zeros_like(vol)
@@ -100,3 +108,26 @@ def test_single_site_cohort_is_refused(dataset):
     one_site = dataset.isel(subject=np.flatnonzero(dataset[S.SITE].values == "NYU"))
     with pytest.raises(ValueError, match="at least 2 sites"):
         InvariantHarmonizer(steps=2).fit(one_site)
+
+
+def test_calibration_is_combat_on_the_network_output(fitted_model, dataset):
+    """The default model = the network, then voxel-wise ComBat (to the reference site, the subject's own
+    age/sex kept) fitted on the network's outputs for its training subjects."""
+    model = load_model(fitted_model)
+    assert model.calibration_ is not None and model.calibration_.reference_site_ == model.reference_site_ == "NYU"
+    mask = dataset[S.MASK].values.astype(bool)
+    sites = dataset[S.SITE].values.astype(str)
+    ref, other = int(np.flatnonzero(sites == "NYU")[0]), int(np.flatnonzero(sites == "UM")[0])
+    vol = dataset[S.IMAGES].values[ref]
+    np.testing.assert_array_equal(model.harmonize_volume(vol, "NYU", mask, covariates=_covariates(dataset, ref)),
+                                  model._harmonize_uncalibrated(vol, "NYU", mask))  # reference: ComBat leaves it
+    vol = dataset[S.IMAGES].values[other]
+    base = model._harmonize_uncalibrated(vol, "UM", mask)
+    expected = model.calibration_.harmonize_volume(base, "UM", mask, _covariates(dataset, other))
+    got = model.harmonize_volume(vol, "UM", mask, covariates=_covariates(dataset, other))
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-3)
+    assert not np.allclose(got, base)
+    with pytest.raises(ValueError, match="calibrated to site 'NYU'"):
+        model.check_reference("UM")
+    with pytest.raises(ValueError, match="age"):
+        model.subject_context("UM", {S.AGE: None, S.SEX: "F"}, volume=vol, mask=mask)

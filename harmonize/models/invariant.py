@@ -37,10 +37,13 @@ from torch import nn
 from harmonize.io import schema as S
 from harmonize.models.intensity import white_matter_peak
 from harmonize.models.penalty import gaussian_kl_to_prior, information_penalty, site_variance_fraction
+from harmonize.models.voxel_combat import VoxelComBat
 
 MODEL_KIND = "invariant"
 _DCT_ORDER = 3  # per axis: 3^3 - 1 = 26 basis functions
 RECEPTIVE_RADIUS = 3  # three 3x3x3 valid convolutions
+CALIBRATION_DIR = "calibration"
+CALIBRATION_COVARIATES = (S.AGE, S.SEX)  # biological covariates whose effects the calibration keeps
 AGE_MATCH_YEARS = 5.0  # bandwidth of the age matching of subjects compared across sites
 
 
@@ -115,6 +118,11 @@ class PatchCVAE(nn.Module):
         return self.decoder(torch.cat([z, site, coords], dim=1))[:, 0] * log_bias.exp()
 
 
+def _plain(value):
+    """A numpy scalar as a plain Python value (JSON-able, as covariates travel in task contexts)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _covariate_matrix(ages: np.ndarray, sexes: np.ndarray) -> np.ndarray:
     """(n, c) float32 biological covariates for the site term: age (missing -> the mean) and one
     indicator per sex level beyond the first; columns without variation are left out."""
@@ -158,7 +166,7 @@ class InvariantHarmonizer:
                  reference_site: str | None = None, max_subjects_per_site: int = 16,
                  val_fraction: float = 0.2, eval_every: int = 50, patience: int = 6, seed: int = 0,
                  device: str = "auto", amp: bool = True, logvar_min: float = -8.0, logvar_max: float = 4.0,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, calibrate: str = "combat"):
         self.latent_dim = latent_dim
         self.channels = channels
         self.hidden = hidden
@@ -184,6 +192,7 @@ class InvariantHarmonizer:
         self.logvar_min = logvar_min
         self.logvar_max = logvar_max
         self.torch_threads = torch_threads
+        self.calibrate = calibrate
 
     # ---- parameters ---------------------------------------------------------------------------
     @classmethod
@@ -214,6 +223,8 @@ class InvariantHarmonizer:
             raise ValueError("lam, beta and site_weight must be >= 0")
         if self.subjects_per_site < 1 or self.groups < 1:
             raise ValueError("groups and subjects_per_site must be >= 1")
+        if self.calibrate not in ("combat", "none"):
+            raise ValueError(f"calibrate must be 'combat' or 'none', got {self.calibrate!r}")
 
     # ---- fitting ------------------------------------------------------------------------------
     def fit(self, dataset: xr.Dataset, progress: Callable[[dict], None] | None = None) -> InvariantHarmonizer:
@@ -272,8 +283,30 @@ class InvariantHarmonizer:
             self._train(volumes, site_idx, ages, sexes, val, mask, device, rng, progress)
         finally:
             torch.set_num_threads(old_threads)
+        self.calibration_ = None
+        if self.calibrate == "combat":
+            self.calibration_ = self._fit_calibration(dataset, chosen, mask)
+        self.checksum_ = self._checksum()
         self.history_.seconds = time.perf_counter() - t0
         return self
+
+    def _fit_calibration(self, dataset: xr.Dataset, chosen: list[int], mask: np.ndarray) -> VoxelComBat:
+        """Voxel-wise ComBat (to the reference site, age and sex kept) on the network's own outputs for its
+        training subjects. A patch model at one site code cannot see what differs between scanners voxel
+        by voxel across the whole head (partial-volume contrast at each location, residual bias); ComBat
+        estimates exactly that, and on the network's output, where the non-linear, spatially smooth
+        scanner effects are already gone, its location/scale model fits (cf. DeepComBat, Hu et al. 2023)."""
+        subset = dataset.isel({S.SUBJECT: list(chosen)})
+        base = np.stack([self._harmonize_uncalibrated(np.asarray(subset[S.IMAGES].isel({S.SUBJECT: k}).values,
+                                                                 dtype=np.float32), str(site), mask)
+                         for k, site in enumerate(np.asarray(subset[S.SITE].values).astype(str))])
+        names = [c for c in CALIBRATION_COVARIATES if c in subset.coords]
+        outputs = xr.Dataset({S.IMAGES: (S.VOLUME_DIMS, base), S.MASK: (S.SPATIAL_DIMS, mask.astype(np.uint8))},
+                             coords={S.SITE: (S.SUBJECT, np.asarray(subset[S.SITE].values).astype(str)),
+                                     **{c: (S.SUBJECT, np.asarray(subset[c].values)) for c in names}})
+        categorical = [c for c in names if c == S.SEX]
+        return VoxelComBat(covariates=tuple(names), categorical=tuple(categorical),
+                           reference_site=self.reference_site_).fit(outputs)
 
     def _new_module(self) -> PatchCVAE:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
@@ -381,7 +414,6 @@ class InvariantHarmonizer:
         module.eval()
         self.model_ = module.to("cpu")
         self.history_ = history
-        self.checksum_ = self._checksum()
 
     def _loss(self, module, x, inside, coords, covariates, site_of_member, gen, use_amp, device) -> dict:
         """x (G, B, c, c, c) crops; inside (G, V) template mask of the crops' cores; coords (G, F, c', c', c');
@@ -449,19 +481,27 @@ class InvariantHarmonizer:
         return self.sites_.index(site)
 
     def check_reference(self, reference_site: str | None) -> None:
-        """Any training site can be the target: the decoder is conditioned on the site."""
+        """Any training site can be the target of the network (its decoder is conditioned on the site); the
+        ComBat calibration was fitted for the training reference."""
         self.site_code(reference_site or self.reference_site_)
+        if self.calibration_ is not None and reference_site not in (None, self.reference_site_):
+            raise ValueError(f"this model is calibrated to site {self.reference_site_!r}, not {reference_site!r}: "
+                             f"refit with --reference-site {reference_site} (or with calibrate='none')")
 
     uses_gpu = True  # apply tasks ask for a GPU worker when the cluster has one
     needs_volume_context = True  # the per-subject intensity reference is read from the whole volume
 
     def subject_context(self, site: str, covariates: dict | None = None, volume: np.ndarray | None = None,
                         mask: np.ndarray | None = None) -> dict:
-        """What every chunk of one subject needs: its site and its white-matter intensity reference."""
+        """What every chunk of one subject needs: its site, its white-matter intensity reference and, for
+        the calibration, its covariates (its own age/sex effects are kept)."""
         self.site_code(site)
         if volume is None or mask is None:
             raise ValueError("the invariant model needs the subject's volume and the mask for its intensity scale")
-        return {"site": str(site), "scale": float(white_matter_peak(volume, mask))}
+        context = {"site": str(site), "scale": float(white_matter_peak(volume, mask))}
+        if self.calibration_ is not None:
+            context["calibration"] = self.calibration_.subject_context(site, covariates)
+        return context
 
     @torch.no_grad()
     def harmonize_block(self, block: np.ndarray, context: dict, location: tuple[slice, slice, slice],
@@ -493,12 +533,20 @@ class InvariantHarmonizer:
             if self.decode == "residual":
                 decoded = core[inside] + decoded - module.decode_voxels(z, onehot[1:], coords)
             out[inside] = decoded
-        return (out.cpu().numpy() * np.float32(self.reference_scale_)).astype(np.float32)
+        out = (out.cpu().numpy() * np.float32(self.reference_scale_)).astype(np.float32)
+        if self.calibration_ is not None and "calibration" in context:
+            out = self.calibration_.harmonize_block(out, context["calibration"], location)
+        return out
+
+    def _harmonize_uncalibrated(self, volume: np.ndarray, site: str, mask: np.ndarray) -> np.ndarray:
+        context = {"site": site, "scale": float(white_matter_peak(volume, mask))}
+        padded = np.pad(np.asarray(volume, dtype=np.float32), RECEPTIVE_RADIUS)
+        return self.harmonize_block(padded, context, tuple(slice(0, n) for n in volume.shape)) * mask
 
     def harmonize_volume(self, volume: np.ndarray, site: str, mask: np.ndarray,
-                         reference_site: str | None = None) -> np.ndarray:
+                         reference_site: str | None = None, covariates: dict | None = None) -> np.ndarray:
         """Harmonize one whole volume in memory (the unchunked reference for the graph layer)."""
-        context = self.subject_context(site, volume=volume, mask=mask)
+        context = self.subject_context(site, covariates, volume=volume, mask=mask)
         padded = np.pad(np.asarray(volume, dtype=np.float32), RECEPTIVE_RADIUS)
         location = tuple(slice(0, n) for n in volume.shape)
         return self.harmonize_block(padded, context, location, reference_site) * mask
@@ -508,8 +556,10 @@ class InvariantHarmonizer:
         self._require_fitted()
         mask = np.asarray(dataset[S.MASK].values).astype(bool)
         sites = np.asarray(dataset[S.SITE].values).astype(str)
+        names = [c for c in CALIBRATION_COVARIATES if c in dataset.coords]
+        covariates = [{c: _plain(dataset[c].values[i]) for c in names} for i in range(dataset.sizes[S.SUBJECT])]
         out = np.stack([self.harmonize_volume(np.asarray(dataset[S.IMAGES].isel({S.SUBJECT: i}).values),
-                                              sites[i], mask, reference_site)
+                                              sites[i], mask, reference_site, covariates[i])
                         for i in range(dataset.sizes[S.SUBJECT])])
         return dataset.assign({S.HARMONIZED: (S.VOLUME_DIMS, out)})
 
@@ -525,7 +575,8 @@ class InvariantHarmonizer:
     def _learned_json(self) -> dict:
         return {"sites": self.sites_, "reference_site": self.reference_site_,
                 "reference_scale": self.reference_scale_, "grid_shape": list(self.grid_shape_),
-                "train_subjects": self.train_subjects_, "val_subjects": self.val_subjects_}
+                "train_subjects": self.train_subjects_, "val_subjects": self.val_subjects_,
+                "calibration": None if self.calibration_ is None else self.calibration_.checksum_}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write `weights.safetensors`, `config.json` and `history.json` into the folder `path`."""
@@ -538,6 +589,8 @@ class InvariantHarmonizer:
                   "checksum": self.checksum_}
         (path / "config.json").write_text(json.dumps(config, indent=2))
         (path / "history.json").write_text(json.dumps(asdict(self.history_)))
+        if self.calibration_ is not None:
+            self.calibration_.save(path / CALIBRATION_DIR)
         return path
 
     @classmethod
@@ -553,6 +606,9 @@ class InvariantHarmonizer:
         model.reference_scale_ = float(learned["reference_scale"])
         model.grid_shape_ = tuple(learned["grid_shape"])
         model.train_subjects_, model.val_subjects_ = learned["train_subjects"], learned["val_subjects"]
+        model.calibration_ = VoxelComBat.load(path / CALIBRATION_DIR) if learned.get("calibration") else None
+        if model.calibration_ is not None and model.calibration_.checksum_ != learned["calibration"]:
+            raise ValueError(f"{path}: the calibration folder does not belong to this model (checksum mismatch)")
         module = PatchCVAE(len(model.sites_), model.latent_dim, model.channels, model.hidden)
         module.load_state_dict(load_file(str(path / "weights.safetensors"), device="cpu"))
         module.eval()
