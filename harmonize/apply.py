@@ -153,7 +153,7 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
     sites = [str(table[S.SITE].iat[i]) for i in todo]
     covariates = [_covariates(table, int(i)) for i in todo]
     if model.needs_volume_context:
-        mask_future = client.scatter(mask, broadcast=True)
+        mask_future = client.scatter(mask, broadcast=True, hash=False)  # a fresh key: no race with a release
         context_futures = [client.submit(_subject_context, model_dir, checksum, images_path, int(i), mask_future,
                                           site, cov, pure=False, resources=resources)
                            for i, site, cov in zip(todo, sites, covariates, strict=True)]

@@ -43,7 +43,7 @@ def fit_combat(store_path, client: Client, params: dict | None = None, progress:
     blocks = block_locations(mask.shape, block, mask)
     model._check_size(int(mask.sum()))  # noqa: SLF001 - fail before any work is sent
     offsets = np.concatenate([[0], np.cumsum([int(mask[loc].sum()) for loc in blocks])])
-    design_future = client.scatter(design, broadcast=True)
+    design_future = client.scatter(design, broadcast=True, hash=False)
     futures = [client.submit(_block_task, store.array_path(S.IMAGES), positions, loc, mask[loc], design_future,
                              model.mean_only, int(offsets[k]), pure=False) for k, loc in enumerate(blocks)]
     stats = gather_with_progress(client, futures, "combat statistics", show=progress)
