@@ -25,6 +25,9 @@ import zarr
 from harmonize.io import schema as S
 
 DEFAULT_CHUNKS = (64, 64, 64)
+# models/ and reports/ live inside the store folder on purpose (they travel with it); zarr warns about
+# every folder it does not know whenever it lists the group
+warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component", category=UserWarning)
 _STRING_CHUNK = 4096
 
 
