@@ -180,32 +180,90 @@ def export(store_path: str | os.PathLike, out_dir: str | os.PathLike, client: Cl
 
 # ---- corex ------------------------------------------------------------------------------------
 def corex(store_path: str | os.PathLike, client: Client, n_factors: int = 4, n_regions: int = 48,
-          restarts: int = 3, source: str = S.HARMONIZED, progress: bool = True) -> dict:
-    """Linear CorEx on regional mean intensities of `source` (harmonized by default); results in the store."""
-    from harmonize.corex import fit_restarts
-    from harmonize.features import make_parcellation, regional_features
+          restarts: int = 3, source: str = S.HARMONIZED, progress: bool = True, *, features: str = "regions",
+          downsample: int = 3, device: str = "cpu", n_permutations: int = 999, seed: int = 0) -> dict:
+    """Linear CorEx factors of `source` (harmonized by default) + a site-leakage audit; results in the store.
 
+    Features (see harmonize.features): ``"regions"`` (mean intensity per region of the store's parcellation,
+    made and stored on first use) or ``"voxels"`` (brain intensity block-averaged by ``downsample`` per side).
+    ``restarts`` seeds (``seed``, ``seed + 1``, ...) run as parallel Dask tasks; the highest TC bound is kept
+    and the spread reported.  The fitted factors are then applied to the raw images too, and for both inputs
+    each factor score (and all together) is tested for site information (``harmonize.corex.
+    site_leakage_audit``); a factor that tracks site after harmonization is flagged.
+    """
+    from harmonize.cluster import gpu_resources
+    from harmonize.corex import fit_restarts, site_leakage_audit
+    from harmonize.features import FEATURE_KINDS, feature_set, make_parcellation
+
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"unknown features {features!r}; choose from {list(FEATURE_KINDS)}")
+    if restarts < 1:
+        raise ValueError(f"restarts must be >= 1; got {restarts}")
     store = CohortStore(store_path)
-    status = S.HARMONIZED_STATUS if source == S.HARMONIZED else S.INGEST_STATUS
-    positions = np.flatnonzero(store.status(status) == S.DONE)
+    if source != S.IMAGES and source not in store.group:
+        raise ValueError(f"{store.path} has no {source!r} array yet: run `harmonize apply {store.path}` first, "
+                         "or run CorEx on the raw images with --source images")
+    positions = np.flatnonzero(store.status(S.status_of(source)) == S.DONE)
     if len(positions) < 5:
         raise ValueError(f"{store.path}: {len(positions)} subject(s) have {source}; CorEx needs at least 5")
-    if S.PARCELLATION in store.group:
-        labels = store.group[S.PARCELLATION][...]
-    else:
-        labels = make_parcellation(store.mask(), store.grid.affine, n_regions)
-        store.write_small(S.PARCELLATION, labels, S.SPATIAL_DIMS, {"method": "kmeans-mirrored",
-                                                                    "n_regions": int(labels.max())})
-    features = regional_features(store.array_path(source), positions, labels, client, progress)
-    model, objectives = fit_restarts(features, n_factors, seeds=list(range(restarts)))
-    scores = np.full((store.n_subjects, n_factors), np.nan)
-    scores[positions] = model.transform(features)
-    store.write_small(S.COREX_SCORES, scores, (S.SUBJECT, S.FACTOR), {"coordinates": " ".join(S.SUBJECT_COORDS)})
-    store.write_small(S.COREX_WEIGHTS, model.weights_, (S.FACTOR, S.REGION))
-    store.write_small(S.COREX_TCS, np.asarray(model.tcs_), (S.FACTOR,),
-                      {"source": source, "tc": float(model.tc_), "restart_tcs": list(map(float, objectives))})
-    return {"tc": float(model.tc_), "tcs": list(map(float, model.tcs_)), "restart_tcs": objectives,
-            "n_subjects": int(len(positions)), "n_regions": int(labels.max()), "source": source}
+    labels = None
+    if features == "regions":
+        if S.PARCELLATION in store.group:
+            labels = store.group[S.PARCELLATION][...]
+        else:
+            labels = make_parcellation(store.mask(), store.grid.affine, n_regions)
+            store.write_small(S.PARCELLATION, labels, S.SPATIAL_DIMS, {"method": "kmeans-mirrored",
+                                                                        "n_regions": int(labels.max())})
+    options = {"labels": labels, "mask": store.mask(), "factor": downsample, "progress": progress}
+    # the audit's inputs: "raw" (images) before harmonization, the fitted source after it
+    names = {S.IMAGES: "raw"} if source == S.IMAGES else {S.IMAGES: "raw", source: source}
+    inputs = {name: feature_set(features, store.array_path(array), positions, client, **options)
+              for array, name in names.items()}
+    subjects = store.table()[S.SUBJECT].to_numpy()[positions]
+    for array, name in names.items():
+        bad = ~np.isfinite(inputs[name].values).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{array}: non-finite {features} features for subject(s) {list(subjects[bad][:10])}; "
+                             f"check those volumes (re-run `harmonize {'ingest' if array == S.IMAGES else 'apply'}`)")
+    fitted = inputs[names[source]]
+    resources = gpu_resources(client) if str(device).startswith("cuda") else None
+    result = fit_restarts(fitted.values, n_factors, seeds=range(seed, seed + restarts), client=client,
+                          resources=resources, device=device)
+    model = result.best
+    table = store.table()
+    covariates = {k: table[k].to_numpy()[positions] for k in (S.SITE, S.AGE, S.SEX)}
+    audit, scores = {}, {}
+    for name, feats in inputs.items():
+        if name == names[source]:
+            scores[name] = model.transform(feats.values)
+        else:  # the same weights on the raw features standardized over all subjects: units drop out, sites stay
+            mean, std = feats.values.mean(axis=0), feats.values.std(axis=0)
+            scores[name] = ((feats.values - mean) / np.where(std > 0, std, 1.0)) @ model.weights_.T
+        audit[name] = site_leakage_audit(scores[name], covariates[S.SITE], covariates[S.AGE], covariates[S.SEX],
+                                         n_permutations=n_permutations, seed=seed)
+
+    def full(values: np.ndarray) -> np.ndarray:
+        out = np.full((store.n_subjects, values.shape[1]), np.nan)
+        out[positions] = values
+        return out
+
+    subject_attrs = {"coordinates": " ".join(S.SUBJECT_COORDS)}
+    store.write_small(S.COREX_SCORES, full(scores[names[source]]), (S.SUBJECT, S.FACTOR),
+                      {**subject_attrs, "source": source})
+    if source != S.IMAGES:
+        store.write_small(S.COREX_RAW_SCORES, full(scores["raw"]), (S.SUBJECT, S.FACTOR),
+                          {**subject_attrs, "source": S.IMAGES})
+    elif S.COREX_RAW_SCORES in store.group:
+        del store.group[S.COREX_RAW_SCORES]  # a stale audit baseline from an earlier run
+    store.write_small(S.COREX_WEIGHTS, model.weights_, (S.FACTOR, S.FEATURE))
+    store.write_small(S.COREX_LOADINGS, model.loadings_, (S.FACTOR, S.FEATURE))
+    store.write_small(S.COREX_FEATURE_MAP, fitted.feature_map, S.SPATIAL_DIMS, {"features": features})
+    summary = {"source": source, "features": features, "feature_info": fitted.info, "tc": float(model.tc_),
+               "n_subjects": int(len(positions)), "n_features": int(fitted.values.shape[1]),
+               "n_iter": int(model.n_iter_), "converged": bool(model.converged_), "restarts": result.summary(),
+               "audit": audit, "flagged": audit[names[source]]["flagged_factors"] if source != S.IMAGES else []}
+    store.write_small(S.COREX_TCS, np.asarray(model.tcs_), (S.FACTOR,), summary)
+    return {**summary, "tcs": list(map(float, model.tcs_))}
 
 
 # ---- demo ---------------------------------------------------------------------------------------

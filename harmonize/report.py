@@ -17,8 +17,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.model_selection import StratifiedKFold, cross_val_predict  # noqa: E402
 
 from harmonize import metrics  # noqa: E402
 from harmonize.io import schema as S  # noqa: E402
@@ -31,18 +29,27 @@ def _volumes(store: CohortStore, name: str, positions: np.ndarray) -> list[np.nd
     return [read_volume(path, int(i)) for i in positions]
 
 
-def _factor_site_leakage(scores: np.ndarray, sites: np.ndarray, age: np.ndarray, seed: int = 0) -> list[dict]:
-    out = []
-    k = int(min(5, np.unique(sites, return_counts=True)[1].min()))
-    cv = StratifiedKFold(n_splits=max(k, 2), shuffle=True, random_state=seed)
-    for j in range(scores.shape[1]):
-        pred = cross_val_predict(LogisticRegression(max_iter=2000), scores[:, [j]], sites, cv=cv)
-        ok = np.isfinite(age)
-        out.append({"factor": j, "site_accuracy": float(np.mean(pred == sites)),
-                    "age_corr": float(np.corrcoef(scores[ok, j], age[ok])[0, 1])})
-    pred = cross_val_predict(LogisticRegression(max_iter=2000), scores, sites, cv=cv)
-    out.append({"factor": "all", "site_accuracy": float(np.mean(pred == sites))})
-    return out
+def _corex_numbers(store: CohortStore, positions: np.ndarray, sites: np.ndarray, age: np.ndarray) -> dict:
+    """CorEx results from the store and the site-leakage audit (as computed by `harmonize corex`; recomputed
+    from the stored scores for stores written before the audit existed)."""
+    from harmonize.corex import site_leakage_audit
+
+    tcs = store.group[S.COREX_TCS]
+    attrs = dict(tcs.attrs)
+    source = attrs.get("source", S.HARMONIZED)
+    audit = attrs.get("audit")
+    if not audit:
+        sex = store.table()[S.SEX].to_numpy()[positions]
+        audit = {}
+        arrays = [(S.COREX_RAW_SCORES, "raw"), (S.COREX_SCORES, "raw" if source == S.IMAGES else source)]
+        for array, name in arrays:
+            if array in store.group:
+                audit[name] = site_leakage_audit(store.group[array][...][positions], sites, age, sex)
+    after = audit.get(source) if source != S.IMAGES else None
+    return {"source": source, "features": attrs.get("features", "regions"), "feature_info": attrs.get("feature_info"),
+            "tc": attrs.get("tc"), "tcs": tcs[...].tolist(), "n_features": attrs.get("n_features"),
+            "restarts": attrs.get("restarts"), "audit": audit,
+            "flagged": list(after["flagged_factors"]) if after else []}
 
 
 def make_report(store_path: str | os.PathLike, groundtruth_dir: str | os.PathLike | None = None,
@@ -89,13 +96,9 @@ def make_report(store_path: str | os.PathLike, groundtruth_dir: str | os.PathLik
         numbers["images"][name] = entry
     figures = {"slices": _slice_figure(images, sites, mask, out / "slices.png"),
                "intensities": _intensity_figure(images, sites, mask, out / "intensities.png")}
-    if S.COREX_SCORES in store.group:
-        scores = store.group[S.COREX_SCORES][...][positions]
-        tcs = store.group[S.COREX_TCS]
-        numbers["corex"] = {"tcs": tcs[...].tolist(), "tc": tcs.attrs.get("tc"), "source": tcs.attrs.get("source"),
-                            "restart_tcs": tcs.attrs.get("restart_tcs"),
-                            "site_leakage": _factor_site_leakage(scores, sites, age)}
-        figures["corex"] = _corex_figure(store, scores, sites, out / "corex.png")
+    if S.COREX_SCORES in store.group and S.COREX_TCS in store.group:
+        numbers["corex"] = _corex_numbers(store, positions, sites, age)
+        figures["corex"] = _corex_figure(store, positions, sites, numbers["corex"], out / "corex.png")
     dump_json(out / "report.json", numbers)
     (out / "report.html").write_text(_html(numbers, figures))
     return out
@@ -136,29 +139,97 @@ def _intensity_figure(images: dict, sites: np.ndarray, mask: np.ndarray, path: P
     return path.name
 
 
-def _corex_figure(store: CohortStore, scores: np.ndarray, sites: np.ndarray, path: Path) -> str:
-    weights = store.group[S.COREX_WEIGHTS][...]
-    labels = store.group[S.PARCELLATION][...]
-    m = weights.shape[0]
-    z = int(np.argmax((labels > 0).sum(axis=(0, 1))))
-    fig, axes = plt.subplots(2, m, figsize=(2.8 * m, 5.4), squeeze=False)
+_COREX_MAX_PLOTTED = 8
+
+
+def _corex_figure(store: CohortStore, positions: np.ndarray, sites: np.ndarray, corex: dict, path: Path) -> str:
+    """Per factor: its loadings (factor/feature correlations) on the axial slice with the most brain, and its
+    score by site on the raw images (before) and on the fitted source (after); at most 8 factors."""
+    g = store.group
+    loadings = g[S.COREX_LOADINGS][...] if S.COREX_LOADINGS in g else g[S.COREX_WEIGHTS][...]
+    feature_map = g[S.COREX_FEATURE_MAP][...] if S.COREX_FEATURE_MAP in g else g[S.PARCELLATION][...]
+    rows = []
+    if S.COREX_RAW_SCORES in g:
+        rows.append(("before (raw)", g[S.COREX_RAW_SCORES][...][positions]))
+    rows.append((f"after ({corex['source']})" if corex["source"] != S.IMAGES else "raw",
+                 g[S.COREX_SCORES][...][positions]))
+    m = min(loadings.shape[0], _COREX_MAX_PLOTTED)
+    inside = feature_map > 0
+    z = int(np.argmax(inside.sum(axis=(0, 1))))
+    mask_slice = store.mask()[:, :, z]
     site_names = sorted(set(sites.tolist()))
+    flagged = set(corex.get("flagged", []))
+    fig, axes = plt.subplots(1 + len(rows), m, figsize=(2.8 * m, 2.6 * (1 + len(rows))), squeeze=False)
     for j in range(m):
-        loading = np.zeros(labels.shape, np.float32)
-        inside = labels > 0
-        loading[inside] = weights[j][labels[inside] - 1]
-        vmax = np.abs(weights[j]).max() or 1.0
-        axes[0, j].imshow(np.rot90(np.where(inside[:, :, z], loading[:, :, z], np.nan)), cmap="coolwarm",
-                          vmin=-vmax, vmax=vmax)
-        axes[0, j].set_axis_off()
-        axes[0, j].set_title(f"factor {j} loadings", fontsize=9)
-        axes[1, j].boxplot([scores[sites == s, j] for s in site_names], tick_labels=site_names)
-        axes[1, j].set_title(f"factor {j} score by site", fontsize=9)
-        axes[1, j].tick_params(labelsize=7)
+        loading = np.full(feature_map.shape[:2], np.nan)
+        sl = feature_map[:, :, z]
+        loading[sl > 0] = loadings[j][sl[sl > 0] - 1]
+        vmax = float(np.nanmax(np.abs(loadings[j]))) or 1.0
+        ax = axes[0, j]
+        ax.imshow(np.rot90(np.where(mask_slice, 0.0, np.nan)), cmap="gray", vmin=-1, vmax=1)
+        im = ax.imshow(np.rot90(loading), cmap="coolwarm", vmin=-vmax, vmax=vmax)
+        ax.set_axis_off()
+        title = f"factor {j} loadings" + ("\nTRACKS SITE" if j in flagged else "")
+        ax.set_title(title, fontsize=9, color="red" if j in flagged else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+        for r, (label, scores) in enumerate(rows, start=1):
+            ok = np.isfinite(scores[:, j])
+            axes[r, j].boxplot([scores[ok & (sites == s), j] for s in site_names], tick_labels=site_names)
+            axes[r, j].set_title(f"factor {j} score by site, {label}", fontsize=8)
+            axes[r, j].tick_params(labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path.name
+
+
+def _corex_html(c: dict, figure: str) -> str:
+    audit = c.get("audit", {})
+    names = list(audit)
+    head = "".join(f"<th>site acc. {html.escape(n)} (p)</th>" for n in names)
+    first = audit[names[0]] if names else {}
+
+    def cell(entry: dict) -> str:
+        if entry.get("site_accuracy") is None:
+            return "<td>n/a</td>"
+        style = " style='color:#b00;font-weight:bold'" if entry.get("flagged") else ""
+        return f"<td{style}>{entry['site_accuracy']:.2f} ({entry['p_value']:.3g})</td>"
+
+    def num(value) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    rows = []
+    after = audit.get(c["source"]) or (audit[names[-1]] if names else {})
+    for j, tc in enumerate(c["tcs"]):
+        per = [audit[n]["factors"][j] for n in names]
+        flag = "tracks site" if j in c.get("flagged", []) else ""
+        mine = after["factors"][j] if after else {}
+        rows.append(f"<tr><td>{j}</td><td>{tc:.3f}</td>{''.join(cell(e) for e in per)}"
+                    f"<td>{num(mine.get('age_r'))}</td><td>{num(mine.get('sex_r'))}</td>"
+                    f"<td style='color:#b00'>{flag}</td></tr>")
+    joint_flag = "tracks site" if (after.get("all") or {}).get("flagged") else ""
+    rows.append(f"<tr><td>all</td><td>{c['tc']:.3f}</td>{''.join(cell(audit[n]['all']) for n in names)}"
+                f"<td></td><td></td><td style='color:#b00'>{joint_flag}</td></tr>")
+    spread = c.get("restarts") or {}
+    restarts = (f"{len(spread.get('tcs', []))} restarts (parallel Dask tasks): TC from {spread['tc_min']:.3f} to "
+                f"{spread['tc_max']:.3f}, cluster agreement with the best (ARI) &ge; {spread['agreement_min']:.2f}."
+                if spread else "")
+    flagged = (f"<p style='color:#b00'><b>Factor(s) {c['flagged']} still track site after harmonization.</b></p>"
+               if c.get("flagged") else "<p>No factor tracks site after harmonization.</p>")
+    sex_levels = first.get("sex_levels")
+    sex_note = f" (r with sex = {html.escape(sex_levels[1])} vs {html.escape(sex_levels[0])})" if sex_levels else ""
+    return (f"<h2>CorEx factors: {html.escape(str(c['features']))} features of {html.escape(str(c['source']))}</h2>"
+            f"<p>Linear CorEx on {c.get('n_features')} features; TC = {c['tc']:.3f} nats. {restarts}</p>"
+            f"<p>Site-leakage audit: cross-validated accuracy ({first.get('folds', '?')}-fold LDA) of predicting site "
+            f"from each factor score, and from all together, on the raw images and after harmonization, with a "
+            f"permutation-test p-value ({first.get('n_permutations', '?')} permutations of the site labels). "
+            f"A factor <b>tracks site</b> when its accuracy exceeds chance ({first.get('chance', float('nan')):.2f}) "
+            f"by at least {first.get('margin', 0.1):.2f} and p &le; {first.get('threshold_p', float('nan')):.3g} "
+            f"(0.05 Bonferroni-corrected over the factors and the joint test). Age and sex: Pearson r with the "
+            f"scores on {html.escape(str(c['source']))}{sex_note}. Raw scores: the same weights applied to the raw "
+            f"features, standardized over all subjects (units drop out, site differences stay).</p>{flagged}"
+            f"<table><tr><th>factor</th><th>TC</th>{head}<th>r age</th><th>r sex</th><th></th></tr>"
+            f"{''.join(rows)}</table><img src='{figure}'>")
 
 
 def _html(numbers: dict, figures: dict) -> str:
@@ -169,15 +240,7 @@ def _html(numbers: dict, figures: dict) -> str:
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{sp['accuracy']:.2f} (chance {sp['chance']:.2f})</td>"
                     f"<td>{ar['r2']:.2f}</td><td>{fid.get('psnr_mean', float('nan')):.1f}</td>"
                     f"<td>{fid.get('corr_mean', float('nan')):.3f}</td></tr>")
-    corex = ""
-    if "corex" in numbers:
-        c = numbers["corex"]
-        leak = "".join(f"<tr><td>{html.escape(str(f['factor']))}</td><td>{f['site_accuracy']:.2f}</td>"
-                       f"<td>{f.get('age_corr', float('nan')):.2f}</td></tr>" for f in c["site_leakage"])
-        corex = (f"<h2>CorEx factors ({html.escape(str(c['source']))})</h2><p>TC = {c['tc']:.3f}; per factor: "
-                 f"{', '.join(f'{t:.3f}' for t in c['tcs'])}</p><table><tr><th>factor</th>"
-                 f"<th>site accuracy from its score</th><th>corr. with age</th></tr>{leak}</table>"
-                 f"<img src='{figures['corex']}'>")
+    corex = _corex_html(numbers["corex"], figures["corex"]) if "corex" in numbers else ""
     model = numbers["model"]
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in numbers["timings_s"].items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>harmonize report</title>

@@ -13,7 +13,11 @@ A cohort store is a Zarr v3 group (a folder) that xarray opens as one Dataset:
     age         (subject)           float64
     source_sha256, source_path (subject) string   provenance: content checksum, path relative to the input root
     ingest_status, <output>_status (subject) int8   written *after* the data they describe
-    corex_scores (subject, factor), corex_weights (factor, region), corex_tcs (factor)
+    corex_scores (subject, factor)      float64   CorEx factor scores of the fitted source (NaN = not scored)
+    corex_raw_scores (subject, factor)  float64   the same factors applied to the raw images (site-leakage audit)
+    corex_weights, corex_loadings (factor, feature)  weights on standardized features; factor/feature correlations
+    corex_tcs (factor)                  float64   per-factor TC (attrs: TC, source, features, restarts, audit)
+    corex_feature_map (x, y, z)         int32     1-based feature of each voxel (0 = none), to draw loadings
 
 Group attrs hold the schema version, the reference grid (shape, affine, voxel size) and the chunk shape.
 No other module spells out these names: import them from here.
@@ -29,6 +33,7 @@ SPATIAL_DIMS = ("x", "y", "z")
 VOLUME_DIMS = (SUBJECT, *SPATIAL_DIMS)
 FACTOR = "factor"
 REGION = "region"
+FEATURE = "feature"
 
 # arrays
 IMAGES = "images"
@@ -46,6 +51,9 @@ HARMONIZED_STATUS = "harmonized_status"
 COREX_SCORES = "corex_scores"
 COREX_WEIGHTS = "corex_weights"
 COREX_TCS = "corex_tcs"
+COREX_RAW_SCORES = "corex_raw_scores"
+COREX_LOADINGS = "corex_loadings"
+COREX_FEATURE_MAP = "corex_feature_map"
 COREX_SOURCE = "corex_source"
 
 # per-subject string and numeric metadata, in the order they are stored
