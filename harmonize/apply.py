@@ -24,6 +24,7 @@ from harmonize.cluster import gather_with_progress, gpu_resources
 from harmonize.io import schema as S
 from harmonize.io.store import CohortStore, read_volume
 from harmonize.models import load_model, model_checksum
+from harmonize.models.voxel_combat import covariate_frame
 
 _CACHE: dict[str, object] = {}
 _CACHE_LOCK = threading.Lock()
@@ -104,11 +105,6 @@ class ApplyResult:
                 f"{len(self.skipped)} already done with this model")
 
 
-def _covariates(table, i: int) -> dict:
-    age = table[S.AGE].iat[i]
-    return {S.AGE: None if not np.isfinite(age) else float(age), S.SEX: str(table[S.SEX].iat[i]) or None}
-
-
 def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, client: Client,
                 reference_site: str | None = None, overwrite: bool = False,
                 progress: bool = True, output: str = S.HARMONIZED) -> ApplyResult:
@@ -151,7 +147,7 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
     images_path = store.array_path(S.IMAGES)
     resources = gpu_resources(client) if model.uses_gpu else None
     sites = [str(table[S.SITE].iat[i]) for i in todo]
-    covariates = [_covariates(table, int(i)) for i in todo]
+    covariates = covariate_frame(table.iloc[todo], [S.AGE, S.SEX]).to_dict("records")
     if model.needs_volume_context:
         mask_future = client.scatter(mask, broadcast=True, hash=False)  # a fresh key: no race with a release
         context_futures = [client.submit(_subject_context, model_dir, checksum, images_path, int(i), mask_future,

@@ -35,13 +35,11 @@ def fit_combat(store_path, client: Client, params: dict | None = None, progress:
     positions = np.flatnonzero(table[S.INGEST_STATUS].to_numpy() == S.DONE)
     rows = table.iloc[positions].reset_index(drop=True)
     covariates = covariate_frame(rows, list(model.covariates or []))
-    if S.SEX in covariates:
-        covariates[S.SEX] = covariates[S.SEX].replace("", None)
     design = model.design(rows[S.SITE].astype(str).tolist(), covariates)
     mask = store.mask()
     block = tuple(model.block) if model.block else store.chunks
     blocks = block_locations(mask.shape, block, mask)
-    model._check_size(int(mask.sum()))  # noqa: SLF001 - fail before any work is sent
+    model.check_size(int(mask.sum()))  # fail before any work is sent
     offsets = np.concatenate([[0], np.cumsum([int(mask[loc].sum()) for loc in blocks])])
     design_future = client.scatter(design, broadcast=True, hash=False)
     futures = [client.submit(_block_task, store.array_path(S.IMAGES), positions, loc, mask[loc], design_future,

@@ -94,6 +94,19 @@ def test_clear_errors(dataset):
     with pytest.raises(ValueError, match="refit"):
         model.check_reference("UM")
     with pytest.raises(ValueError, match="non-parametric"):
-        VoxelComBat(parametric=False)._check_size(10**6)
+        VoxelComBat(parametric=False).check_size(10**6)
     with pytest.raises(ValueError, match="covariate"):
         VoxelComBat(covariates=("age", "handedness")).fit(dataset)
+
+
+def test_an_empty_covariate_in_the_store_is_missing_not_a_category(dataset):
+    """The store writes an unknown sex as ""; ComBat must see a missing value (and say which subject),
+    not fit a third sex category called ""."""
+    from harmonize.models.voxel_combat import covariate_frame
+
+    broken = dataset.assign_coords({S.SEX: (S.SUBJECT, np.where(np.arange(dataset.sizes[S.SUBJECT]) == 2, "",
+                                                                 dataset[S.SEX].values.astype(str)).astype(object))})
+    frame = covariate_frame(broken, [S.AGE, S.SEX])
+    assert frame[S.SEX].isna().tolist() == [i == 2 for i in range(len(frame))]
+    with pytest.raises(ValueError, match=r"'sex' at subject rows 2"):
+        VoxelComBat(reference_site="NYU").fit(broken)

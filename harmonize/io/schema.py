@@ -64,7 +64,6 @@ STATUS_FIELDS = (INGEST_STATUS, HARMONIZED_STATUS)
 SUBJECT_COORDS = (SITE, AGE, SEX)
 
 
-
 def status_of(output: str) -> str:
     """The per-subject status array of a volume output (`images` -> `ingest_status`)."""
     return INGEST_STATUS if output == IMAGES else f"{output}_status"
@@ -76,7 +75,8 @@ def output_for(kind: str | None = None) -> str:
 
 
 def is_output(name: str) -> bool:
-    return name == HARMONIZED or name.startswith(HARMONIZED + "_") and not name.endswith("_status")
+    """`harmonized` or `harmonized_<kind>` (not their status arrays)."""
+    return name == HARMONIZED or (name.startswith(HARMONIZED + "_") and not name.endswith("_status"))
 
 
 # status codes

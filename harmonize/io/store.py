@@ -121,8 +121,7 @@ class CohortStore:
         """One row per subject: covariates, provenance and status, indexed by store position."""
         n = self.n_subjects
         cols = {}
-        statuses = [S.status_of(o) for o in self.outputs() if S.status_of(o) not in S.STATUS_FIELDS]
-        for name in (*S.STRING_FIELDS, *S.FLOAT_FIELDS, *S.STATUS_FIELDS, *statuses):
+        for name in (*S.STRING_FIELDS, *S.FLOAT_FIELDS, *self._status_fields()):
             cols[name] = self.group[name][:] if n else np.array([], dtype=object)
         df = pd.DataFrame(cols)
         for name in S.STRING_FIELDS:
@@ -149,7 +148,7 @@ class CohortStore:
             self.group[name].resize((n1, *shape))
         self.group[S.AFFINE].resize((n1, 4, 4))
         self.group[S.AFFINE][n0:n1] = np.stack([np.asarray(a, float) for a in rows[S.AFFINE]])
-        statuses = (*S.STATUS_FIELDS, *(S.status_of(o) for o in outputs if S.status_of(o) not in S.STATUS_FIELDS))
+        statuses = self._status_fields()
         for name in (*S.STRING_FIELDS, *S.FLOAT_FIELDS, *statuses):
             self.group[name].resize((n1,))
         for name in S.STRING_FIELDS:
@@ -164,6 +163,11 @@ class CohortStore:
     def outputs(self) -> list[str]:
         """The harmonized volume arrays in this store (`harmonized`, `harmonized_<kind>`)."""
         return sorted(name for name in self.group.array_keys() if S.is_output(name))
+
+    def _status_fields(self) -> tuple[str, ...]:
+        """Every per-subject status array: the ones every store has, then one per extra output."""
+        extra = (S.status_of(o) for o in self.outputs())
+        return (*S.STATUS_FIELDS, *(name for name in extra if name not in S.STATUS_FIELDS))
 
     def set_field(self, name: str, positions: Sequence[int], values: Sequence) -> None:
         positions = np.asarray(positions, dtype=int)
@@ -220,13 +224,8 @@ class CohortStore:
         templates of unfinished subjects never reach a statistic.
         """
         # chunks={} keeps each array's stored chunks (images: one subject x the store's spatial chunks)
-        with warnings.catch_warnings():
-            # models/ and reports/ live inside the store folder on purpose (they travel with it)
-            warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component",
-                                    category=UserWarning)
-            ds = xr.open_zarr(str(self.path), consolidated=False, chunks={})
-        statuses = [S.status_of(o) for o in self.outputs()]
-        for name in (S.SUBJECT, S.SITE, S.SEX, S.AGE, S.INGEST_STATUS, *statuses):
+        ds = xr.open_zarr(str(self.path), consolidated=False, chunks={})  # warning filtered at module level
+        for name in (S.SUBJECT, S.SITE, S.SEX, S.AGE, *self._status_fields()):
             if name in ds.variables:
                 values = ds[name].values
                 if values.dtype.kind == "T":  # numpy StringDType: object arrays work everywhere downstream

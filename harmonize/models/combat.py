@@ -49,6 +49,8 @@ import numpy as np
 import pandas as pd
 from safetensors.numpy import load_file, save_file
 
+from harmonize.models.base import HarmonizerBase
+
 MODEL_KIND = "combat-table"  # the image-level model (harmonize.models.voxel_combat) is "combat"
 CONVERGENCE = 1e-4
 MAX_ITER = 10_000
@@ -781,7 +783,7 @@ def fit_from_statistics(stats: Sequence[ChunkStatistics], design: Design, *, eb:
 # ---------------------------------------------------------------------------------------------------------
 # estimator
 # ---------------------------------------------------------------------------------------------------------
-class ComBatHarmonizer:
+class ComBatHarmonizer(HarmonizerBase):
     """ComBat with scikit-learn's face, on in-memory arrays X (n_subjects x n_features, float64).
 
     Parameters
@@ -802,8 +804,6 @@ class ComBatHarmonizer:
 
     kind = MODEL_KIND
     WEIGHTS = "parameters.safetensors"
-    _PARAMS = ("covariates", "categorical", "eb", "parametric", "mean_only", "reference_site", "continuous_dtype",
-               "chunk_size")
 
     def __init__(self, covariates: Sequence[str] | None = None, categorical: Sequence[str] | None = None,
                  eb: bool = True, parametric: bool = True, mean_only: bool = False, reference_site=None,
@@ -816,17 +816,6 @@ class ComBatHarmonizer:
         self.reference_site = reference_site
         self.continuous_dtype = continuous_dtype
         self.chunk_size = chunk_size
-
-    def get_params(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in
-                ((k, getattr(self, k)) for k in self._PARAMS)}
-
-    def set_params(self, **params) -> ComBatHarmonizer:
-        for k, v in params.items():
-            if k not in self._PARAMS:
-                raise ValueError(f"unknown parameter {k!r}; known: {list(self._PARAMS)}")
-            setattr(self, k, v)
-        return self
 
     # ---- input checks -----------------------------------------------------------------------------------
     def _columns(self) -> tuple[list[str], list[str]]:

@@ -19,7 +19,6 @@ layer (harmonize.apply) maps :meth:`InvariantHarmonizer.harmonize_block` over ch
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -35,9 +34,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from harmonize.io import schema as S
+from harmonize.models.base import HarmonizerBase
 from harmonize.models.intensity import white_matter_peak
 from harmonize.models.penalty import gaussian_kl_to_prior, information_penalty, site_variance_fraction
-from harmonize.models.voxel_combat import VoxelComBat
+from harmonize.models.voxel_combat import VoxelComBat, covariate_frame
 
 MODEL_KIND = "invariant"
 _DCT_ORDER = 3  # per axis: 3^3 - 1 = 26 basis functions
@@ -118,11 +118,6 @@ class PatchCVAE(nn.Module):
         return self.decoder(torch.cat([z, site, coords], dim=1))[:, 0] * log_bias.exp()
 
 
-def _plain(value):
-    """A numpy scalar as a plain Python value (JSON-able, as covariates travel in task contexts)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _covariate_matrix(ages: np.ndarray, sexes: np.ndarray) -> np.ndarray:
     """(n, c) float32 biological covariates for the site term: age (missing -> the mean) and one
     indicator per sex level beyond the first; columns without variation are left out."""
@@ -150,7 +145,7 @@ class TrainingHistory:
     seconds: float = 0.0
 
 
-class InvariantHarmonizer:
+class InvariantHarmonizer(HarmonizerBase):
     """Site-invariant conditional VAE harmonizer with the scikit-learn estimator face.
 
     Parameters are plain values (saved in the model's JSON config); learned state ends in `_`.
@@ -193,22 +188,6 @@ class InvariantHarmonizer:
         self.logvar_max = logvar_max
         self.torch_threads = torch_threads
         self.calibrate = calibrate
-
-    # ---- parameters ---------------------------------------------------------------------------
-    @classmethod
-    def _param_names(cls) -> tuple[str, ...]:
-        return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
-
-    def get_params(self) -> dict:
-        return {k: getattr(self, k) for k in self._param_names()}
-
-    def set_params(self, **params) -> InvariantHarmonizer:
-        known = self._param_names()
-        for k, v in params.items():
-            if k not in known:
-                raise ValueError(f"unknown parameter {k!r} for InvariantHarmonizer; known: {known}")
-            setattr(self, k, v)
-        return self
 
     @property
     def _logvar_range(self) -> tuple[float, float]:
@@ -473,13 +452,6 @@ class InvariantHarmonizer:
         if not hasattr(self, "model_"):
             raise RuntimeError("this InvariantHarmonizer is not fitted: call fit() or load() first")
 
-    def site_code(self, site: str) -> int:
-        self._require_fitted()
-        if site not in self.sites_:
-            raise ValueError(f"site {site!r} was not seen in training (sites: {self.sites_}); "
-                             "refit with subjects from that site")
-        return self.sites_.index(site)
-
     def check_reference(self, reference_site: str | None) -> None:
         """Any training site can be the target of the network (its decoder is conditioned on the site); the
         ComBat calibration was fitted for the training reference."""
@@ -538,18 +510,21 @@ class InvariantHarmonizer:
             out = self.calibration_.harmonize_block(out, context["calibration"], location)
         return out
 
-    def _harmonize_uncalibrated(self, volume: np.ndarray, site: str, mask: np.ndarray) -> np.ndarray:
-        context = {"site": site, "scale": float(white_matter_peak(volume, mask))}
+    def _whole_volume(self, volume: np.ndarray, context: dict, mask: np.ndarray,
+                      reference_site: str | None = None) -> np.ndarray:
         padded = np.pad(np.asarray(volume, dtype=np.float32), RECEPTIVE_RADIUS)
-        return self.harmonize_block(padded, context, tuple(slice(0, n) for n in volume.shape)) * mask
+        location = tuple(slice(0, n) for n in volume.shape)
+        return self.harmonize_block(padded, context, location, reference_site) * mask
+
+    def _harmonize_uncalibrated(self, volume: np.ndarray, site: str, mask: np.ndarray) -> np.ndarray:
+        """The network's output alone (a context without the calibration's part)."""
+        return self._whole_volume(volume, {"site": site, "scale": float(white_matter_peak(volume, mask))}, mask)
 
     def harmonize_volume(self, volume: np.ndarray, site: str, mask: np.ndarray,
                          reference_site: str | None = None, covariates: dict | None = None) -> np.ndarray:
         """Harmonize one whole volume in memory (the unchunked reference for the graph layer)."""
         context = self.subject_context(site, covariates, volume=volume, mask=mask)
-        padded = np.pad(np.asarray(volume, dtype=np.float32), RECEPTIVE_RADIUS)
-        location = tuple(slice(0, n) for n in volume.shape)
-        return self.harmonize_block(padded, context, location, reference_site) * mask
+        return self._whole_volume(volume, context, mask, reference_site)
 
     def transform(self, dataset: xr.Dataset, reference_site: str | None = None) -> xr.Dataset:
         """Return the dataset with a `harmonized` variable (eager; use harmonize.apply for stores)."""
@@ -557,7 +532,7 @@ class InvariantHarmonizer:
         mask = np.asarray(dataset[S.MASK].values).astype(bool)
         sites = np.asarray(dataset[S.SITE].values).astype(str)
         names = [c for c in CALIBRATION_COVARIATES if c in dataset.coords]
-        covariates = [{c: _plain(dataset[c].values[i]) for c in names} for i in range(dataset.sizes[S.SUBJECT])]
+        covariates = covariate_frame(dataset, names).to_dict("records")
         out = np.stack([self.harmonize_volume(np.asarray(dataset[S.IMAGES].isel({S.SUBJECT: i}).values),
                                               sites[i], mask, reference_site, covariates[i])
                         for i in range(dataset.sizes[S.SUBJECT])])

@@ -27,6 +27,7 @@ import xarray as xr
 from safetensors.numpy import load_file, save_file
 
 from harmonize.io import schema as S
+from harmonize.models.base import HarmonizerBase
 from harmonize.models.combat import (
     ChunkStatistics,
     ComBatParameters,
@@ -52,7 +53,11 @@ Location = tuple[slice, slice, slice]
 
 
 def covariate_frame(table: pd.DataFrame | xr.Dataset, columns: Sequence[str]) -> pd.DataFrame:
-    """The declared covariate columns of a cohort (an xarray cohort's coordinates or a table)."""
+    """The declared covariate columns of a cohort (an xarray cohort's coordinates or the store's table).
+
+    The one place where the store's way of writing "unknown" (an empty string; NaN for numbers) becomes a
+    missing value, so that every caller sees a missing covariate as missing, never as a category "".
+    """
     columns = list(columns)
     if isinstance(table, xr.Dataset):
         missing = [c for c in columns if c not in table.coords]
@@ -60,11 +65,16 @@ def covariate_frame(table: pd.DataFrame | xr.Dataset, columns: Sequence[str]) ->
             raise ValueError(f"covariate(s) {missing} are not coordinates of the cohort "
                              f"(it has {sorted(map(str, table.coords))}); declare the covariates it has")
         data = {c: np.asarray(table[c].values) for c in columns}
-        return pd.DataFrame({c: (v.astype(object) if v.dtype.kind in "OUT" else v) for c, v in data.items()})
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ValueError(f"covariate(s) {missing} are not columns of the table {list(table.columns)}")
-    return table[columns].reset_index(drop=True)
+        frame = pd.DataFrame({c: (v.astype(object) if v.dtype.kind in "OUT" else v) for c, v in data.items()})
+    else:
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise ValueError(f"covariate(s) {missing} are not columns of the table {list(table.columns)}")
+        frame = table[columns].reset_index(drop=True)
+    for c in frame.columns:
+        if frame[c].dtype == object or pd.api.types.is_string_dtype(frame[c]):
+            frame[c] = frame[c].astype(object).map(lambda v: None if isinstance(v, str) and v == "" else v)
+    return frame
 
 
 def block_locations(grid_shape: Sequence[int], block: Sequence[int], mask: np.ndarray) -> list[Location]:
@@ -108,7 +118,7 @@ def _grid_blocks(dataset: xr.Dataset, block: Sequence[int] | None) -> tuple[int,
     return DEFAULT_BLOCK
 
 
-class VoxelComBat:
+class VoxelComBat(HarmonizerBase):
     """ComBat on the voxels of T1w volumes, with the face every harmonizer shares.
 
     Parameters are those of :class:`harmonize.models.combat.ComBatHarmonizer` (covariates whose effects
@@ -121,8 +131,6 @@ class VoxelComBat:
     needs_volume_context = False
     uses_gpu = False
     WEIGHTS = "parameters.safetensors"
-    _PARAMS = ("covariates", "categorical", "eb", "parametric", "mean_only", "reference_site", "continuous_dtype",
-               "block")
 
     def __init__(self, covariates: Sequence[str] = ("age", "sex"), categorical: Sequence[str] = ("sex",),
                  eb: bool = True, parametric: bool = True, mean_only: bool = False, reference_site: str | None = None,
@@ -135,16 +143,6 @@ class VoxelComBat:
         self.reference_site = reference_site
         self.continuous_dtype = continuous_dtype
         self.block = block
-
-    def get_params(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in self._PARAMS)}
-
-    def set_params(self, **params) -> VoxelComBat:
-        for k, v in params.items():
-            if k not in self._PARAMS:
-                raise ValueError(f"unknown parameter {k!r} for ComBat; known: {list(self._PARAMS)}")
-            setattr(self, k, v)
-        return self
 
     # ---- fitting ------------------------------------------------------------------------------------
     def design(self, sites: Sequence[str], covariates: pd.DataFrame) -> Design:
@@ -171,7 +169,7 @@ class VoxelComBat:
         sites = np.asarray(dataset[S.SITE].values).astype(str)
         design = self.design(sites, covariate_frame(dataset, self.covariates or []))
         blocks = block_locations(mask.shape, _grid_blocks(dataset, self.block), mask)
-        self._check_size(int(mask.sum()))
+        self.check_size(int(mask.sum()))
         images = dataset[S.IMAGES].data
         stats, offset = [], 0
         for k, loc in enumerate(blocks):
@@ -182,7 +180,8 @@ class VoxelComBat:
                 progress({"step": k + 1, "steps": len(blocks)})
         return self.fit_from_blocks(stats, blocks, mask, design)
 
-    def _check_size(self, n_voxels: int) -> None:
+    def check_size(self, n_voxels: int) -> None:
+        """Refuse a non-parametric fit over more voxels than it can compare pairwise."""
         if self.eb and not self.parametric and n_voxels > MAX_NONPARAMETRIC_VOXELS:
             raise ValueError(f"non-parametric ComBat compares every voxel with every other ({n_voxels} voxels: "
                              f"~{n_voxels**2:.1e} operations per site); use parametric=True at voxel level, or "
@@ -191,7 +190,7 @@ class VoxelComBat:
     def fit_from_blocks(self, stats: Sequence[ChunkStatistics], blocks: Sequence[Location], mask: np.ndarray,
                         design: Design) -> VoxelComBat:
         """Finish a fit from per-block statistics (computed here or by Dask workers, in `blocks` order)."""
-        self._check_size(int(mask.sum()))
+        self.check_size(int(mask.sum()))
         result = fit_from_statistics(stats, design, eb=self.eb, parametric=self.parametric, mean_only=self.mean_only)
         p = result.parameters
         grid = tuple(int(n) for n in mask.shape)
@@ -224,13 +223,6 @@ class VoxelComBat:
     def _require_fitted(self) -> None:
         if not hasattr(self, "grid_params_"):
             raise RuntimeError("this ComBat model is not fitted: call fit() or load() first")
-
-    def site_code(self, site: str) -> int:
-        self._require_fitted()
-        if site not in self.sites_:
-            raise ValueError(f"site {site!r} was not seen in training (sites: {self.sites_}); "
-                             "refit with subjects from that site")
-        return self.sites_.index(site)
 
     def check_reference(self, reference_site: str | None) -> None:
         """ComBat harmonizes to what it was fitted for: a reference site's scanner, or the pooled sites."""
@@ -280,10 +272,10 @@ class VoxelComBat:
         self._require_fitted()
         mask = np.asarray(dataset[S.MASK].values).astype(bool)
         sites = np.asarray(dataset[S.SITE].values).astype(str)
-        table = covariate_frame(dataset, self.covariates or [])
+        covariates = covariate_frame(dataset, self.covariates or []).to_dict("records")
         out = np.stack([
             self.harmonize_volume(np.asarray(dataset[S.IMAGES].isel({S.SUBJECT: i}).values), sites[i], mask,
-                                  table.iloc[i].to_dict(), reference_site)
+                                  covariates[i], reference_site)
             for i in range(dataset.sizes[S.SUBJECT])])
         return dataset.assign({S.HARMONIZED: (S.VOLUME_DIMS, out)})
 
