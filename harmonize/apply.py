@@ -22,7 +22,7 @@ from distributed import Client
 
 from harmonize.cluster import gather_with_progress, gpu_resources
 from harmonize.io import schema as S
-from harmonize.io.store import CohortStore, read_volume
+from harmonize.io.store import CohortStore, missing_covariates, read_volume
 from harmonize.models import load_model, model_checksum
 from harmonize.models.voxel_combat import covariate_frame
 
@@ -99,10 +99,13 @@ class ApplyResult:
     reference_site: str
     harmonized: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # set aside, with the reason; the rest went on
 
     def summary(self) -> str:
-        return (f"apply: {len(self.harmonized)} subject(s) harmonized to site {self.reference_site}, "
-                f"{len(self.skipped)} already done with this model")
+        lines = [f"apply: {len(self.harmonized)} subject(s) harmonized to {self.reference_site}, "
+                 f"{len(self.skipped)} already done with this model, {len(self.rejected)} set aside"]
+        lines += [f"  set aside sub-{r['subject']}: {r['reason']}" for r in self.rejected]
+        return "\n".join(lines)
 
 
 def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, client: Client,
@@ -135,12 +138,23 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
     target.attrs.update(identity)
     ingested = table[S.INGEST_STATUS].to_numpy() == S.DONE
     todo = np.flatnonzero(ingested & (table[status].to_numpy() != S.DONE))
-    result = ApplyResult(model_dir=model_dir, reference_site=str(reference or "pooled sites"),
+    target_name = f"site {reference}" if reference else "the pooled sites"
+    result = ApplyResult(model_dir=model_dir, reference_site=target_name,
                          skipped=table[S.SUBJECT][ingested & ~np.isin(np.arange(len(table)), todo)].tolist())
     unknown = sorted(set(table[S.SITE].iloc[todo]) - set(model.sites_))
     if unknown:
         raise ValueError(f"subjects from site(s) {unknown} cannot be harmonized by this model (trained on "
                          f"{model.sites_}); refit including them, or apply to a store without them")
+    gaps = missing_covariates(table.iloc[todo], model.covariates_needed())
+    if gaps:  # this model keeps each subject's own age/sex effects: without them, set the subject aside
+        lacking: dict[str, list[str]] = {}
+        for name, subjects in gaps.items():
+            for subject in subjects:
+                lacking.setdefault(subject, []).append(name)
+        result.rejected = [{"subject": s, "reason": f"no {' or '.join(names)} in the store: fill it in "
+                            "participants.tsv and rerun `harmonize ingest`, then apply again"}
+                           for s, names in sorted(lacking.items())]
+        todo = np.array([i for i in todo if str(table[S.SUBJECT].iat[i]) not in lacking], dtype=int)
     if len(todo) == 0:
         return result
     mask = store.mask()

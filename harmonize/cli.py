@@ -131,11 +131,14 @@ def _run(args) -> int:
         spec = CohortSpec(subjects_per_site=args.subjects_per_site, resolution_mm=args.resolution, seed=args.seed)
         params = {"steps": args.steps} if args.steps else {}
         report = pipeline.demo(args.workdir, spec, cluster_spec=args.cluster, fit_params=params, progress=show)
+        from harmonize.report import fidelity_text
+
         numbers = json.loads((report / "report.json").read_text())
         for name, entry in numbers["images"].items():
             sp, fid = entry["site_predictability"], entry.get("fidelity", {})
-            print(f"  {name:>12}: site accuracy {sp['accuracy']:.2f} (chance {sp['chance']:.2f}), "
-                  f"age R² {entry['age_r2']['r2']:.2f}, PSNR {fid.get('psnr_mean', float('nan')):.1f} dB")
+            print(f"  {name:>22}: site accuracy {sp['accuracy']:.2f} (chance {sp['chance']:.2f}), "
+                  f"age R² {entry['age_r2']['r2']:.2f}, "
+                  f"PSNR vs ground truth {fidelity_text(fid, 'psnr_mean', '.1f')} dB")
         print(f"report: {report / 'report.html'}")
         return EXIT_OK
     if args.command == "simulate":
@@ -163,9 +166,10 @@ def _run(args) -> int:
             given = (("reference_site", args.reference_site), ("steps", args.steps), ("lam", args.lam),
                      ("seed", args.seed))
             if args.model == "combat":
-                ignored = [k for k, v in given[1:] if v is not None]
+                ignored = ["--" + k.replace("_", "-") for k, v in given[1:] if v is not None]
                 if ignored:
-                    print(f"harmonize fit: error: {ignored} apply to the invariant model only", file=sys.stderr)
+                    print(f"harmonize fit: error: {', '.join(ignored)} only apply to --model invariant; "
+                          "ComBat takes --reference-site only", file=sys.stderr)
                     return EXIT_USAGE
             params = {k: v for k, v in given if v is not None}
             path = pipeline.fit(args.store, client, args.model, params, progress=show)
@@ -175,7 +179,7 @@ def _run(args) -> int:
             result = pipeline.apply(args.store, client, args.model_dir, args.reference_site, args.overwrite,
                                     progress=show, kind=args.model, output=args.output)
             print(result.summary())
-            return EXIT_OK
+            return EXIT_REJECTED if result.rejected else EXIT_OK
         if args.command == "export":
             paths = pipeline.export(args.store, args.out_dir, client, progress=show, output=args.output)
             print(f"export: {len(paths)} file(s) in {args.out_dir}")

@@ -23,7 +23,7 @@ from harmonize.cluster import gather_with_progress
 from harmonize.io import bids
 from harmonize.io import schema as S
 from harmonize.io.nifti import InputRejected, check_header, read_volume, sha256_file
-from harmonize.io.store import DEFAULT_CHUNKS, CohortStore, Grid, write_volume
+from harmonize.io.store import DEFAULT_CHUNKS, CohortStore, Grid, missing_covariates, write_volume
 
 
 @dataclass
@@ -33,12 +33,25 @@ class IngestResult:
     skipped: list[str] = field(default_factory=list)
     rejected: list[dict] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)  # listed in participants.tsv, no scan yet
+    updated: list[str] = field(default_factory=list)  # already in the store; age/sex taken anew from the table
+    incomplete: dict[str, list[str]] = field(default_factory=dict)  # covariate -> subjects without it
 
     def summary(self) -> str:
         lines = [f"ingest: {len(self.ingested)} subject(s) written, {len(self.skipped)} already in the store, "
                  f"{len(self.rejected)} set aside, {len(self.waiting)} listed without a scan yet"]
         lines += [f"  rejected sub-{r['subject']} ({r['path']}): {r['reason']}" for r in self.rejected]
+        if self.updated:
+            lines.append(f"  age/sex updated from participants.tsv for {_labels(self.updated)}; subjects already "
+                         "harmonized keep their old output until `harmonize apply STORE --overwrite`")
+        for name, subjects in self.incomplete.items():
+            lines.append(f"  no {name} for {_labels(subjects)}: ComBat and the default (calibrated) model keep age "
+                         "and sex effects and will refuse them; fill in participants.tsv and rerun ingest")
         return "\n".join(lines)
+
+
+def _labels(subjects: list[str], limit: int = 8) -> str:
+    shown = ", ".join(f"sub-{s}" for s in subjects[:limit])
+    return shown + (f" and {len(subjects) - limit} more" if len(subjects) > limit else "")
 
 
 def _ingest_one(path: str, grid_attrs: dict, array_path: str, position: int) -> dict:
@@ -90,9 +103,12 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
     table = store.table()
     position_of = {s: i for i, s in enumerate(table[S.SUBJECT])}
     todo: list[tuple[bids.Candidate, int]] = []
+    updates: list[tuple[bids.Candidate, int]] = []  # covariates fixed in participants.tsv after ingest
     fresh: list[tuple[bids.Candidate, np.ndarray]] = []
     for cand in found.candidates:
         pos = position_of.get(cand.subject)
+        if pos is not None and _covariates_changed(table, pos, cand):
+            updates.append((cand, pos))
         if pos is not None and table[S.INGEST_STATUS].iat[pos] == S.DONE:
             result.skipped.append(cand.subject)
             continue
@@ -131,9 +147,21 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
         store.set_field(S.INGEST_STATUS, [p for _, p, _ in bad], [S.REJECTED] * len(bad))
         result.ingested += [c.subject for c, _, _ in done]
         result.rejected += [{"subject": c.subject, "path": c.relpath, "reason": o["reason"]} for c, _, o in bad]
+    if updates:  # metadata only, written by this (the coordinating) process
+        store.set_field(S.AGE, [p for _, p in updates], [c.age for c, _ in updates])
+        store.set_field(S.SEX, [p for _, p in updates], [c.sex for c, _ in updates])
+        result.updated = [c.subject for c, _ in updates]
     if new_store and result.ingested:
         _write_mask(store, mask_threshold)
+    table = store.table()
+    result.incomplete = missing_covariates(table[table[S.INGEST_STATUS] == S.DONE], (S.AGE, S.SEX))
     return result
+
+
+def _covariates_changed(table: pd.DataFrame, pos: int, cand: bids.Candidate) -> bool:
+    age = table[S.AGE].iat[pos]
+    same_age = (np.isnan(age) and np.isnan(cand.age)) or age == cand.age
+    return not same_age or str(table[S.SEX].iat[pos]) != cand.sex
 
 
 def _write_mask(store: CohortStore, threshold: float) -> None:

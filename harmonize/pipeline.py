@@ -23,7 +23,7 @@ from harmonize.cluster import PROGRESS_TOPIC, gpu_resources, total_threads, use_
 from harmonize.ingest import IngestResult, ingest
 from harmonize.io import schema as S
 from harmonize.io.nifti import write_volume
-from harmonize.io.store import CohortStore, dump_json, read_volume
+from harmonize.io.store import CohortStore, dump_json, missing_covariates, read_volume
 from harmonize.models import MODELS, load_model
 from harmonize.simulate import CohortSpec, simulate_cohort
 
@@ -67,6 +67,7 @@ def fit(store_path: str | os.PathLike, client: Client, kind: str = "invariant", 
         raise ValueError(f"{store.path} has {n} ingested subject(s); fitting needs at least 2 per site. "
                          "Run `harmonize ingest` first.")
     params = dict(params or {})
+    _check_before_fit(store, MODELS[kind](**{k: v for k, v in params.items() if k != "torch_threads"}))
     if kind == "combat":
         from harmonize.fit_graph import fit_combat
 
@@ -90,6 +91,24 @@ def fit(store_path: str | os.PathLike, client: Client, kind: str = "invariant", 
         bar.close()
     _set_current(store, kind, path)
     return path
+
+
+def _check_before_fit(store: CohortStore, model) -> None:
+    """What would otherwise fail after minutes of work on a worker: an unknown reference site, subjects
+    without the covariates the model keeps. Both name what to change."""
+    table = store.table()
+    ingested = table[table[S.INGEST_STATUS] == S.DONE]
+    sites = sorted(set(ingested[S.SITE].astype(str)))
+    reference = getattr(model, "reference_site", None)
+    if reference is not None and reference not in sites:
+        raise ValueError(f"reference site {reference!r} is not among the store's sites {sites}")
+    gaps = missing_covariates(ingested, model.covariates_needed())
+    if gaps:
+        raise ValueError("; ".join(f"no {name} for {', '.join(f'sub-{s}' for s in subjects[:10])}"
+                                   f"{' and more' if len(subjects) > 10 else ''}" for name, subjects in gaps.items())
+                         + ". This model keeps age and sex effects: fill them in participants.tsv and rerun "
+                           "`harmonize ingest BIDS_DIR STORE` (it updates covariates), or fit the invariant "
+                           "model without its calibration")
 
 
 def _set_current(store: CohortStore, kind: str, path: Path) -> None:
@@ -171,10 +190,15 @@ def export(store_path: str | os.PathLike, out_dir: str | os.PathLike, client: Cl
                                      pure=False))
     paths = [Path(p) for p in gather_with_progress(client, futures, "export", show=progress)]
     attrs = store.group[output].attrs
-    dump_json(out / "dataset_description.json", {
-        "Name": "harmonize output", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "harmonize", "Description": f"{attrs.get('model_kind')} model "
-                         f"{attrs.get('model_checksum')}, reference site {attrs.get('reference_site')}"}]})
+    target = f"site {attrs.get('reference_site')}" if attrs.get("reference_site") else "the pooled sites"
+    entry = {"Name": "harmonize", "Description": f"desc-{desc}: {attrs.get('model_kind')} model "
+             f"{attrs.get('model_checksum')}, harmonized to {target}"}
+    # several outputs may be exported into one folder: keep one entry per desc label, not the last one only
+    description = out / "dataset_description.json"
+    previous = json.loads(description.read_text()).get("GeneratedBy", []) if description.exists() else []
+    generated = [g for g in previous if not str(g.get("Description", "")).startswith(f"desc-{desc}:")] + [entry]
+    dump_json(description, {"Name": "harmonize output", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+                            "GeneratedBy": generated})
     return paths
 
 

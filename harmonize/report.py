@@ -89,7 +89,7 @@ def make_report(store_path: str | os.PathLike, groundtruth_dir: str | os.PathLik
         x = metrics.brain_matrix(vols, mask)
         entry = {"site_predictability": metrics.site_predictability(x, sites),
                  "age_r2": metrics.age_r2(x, age)}
-        if truth_available:
+        if truth_available and name != "ground truth":  # against itself it says nothing
             fid = [metrics.fidelity(v, t, mask) for v, t in zip(vols, images["ground truth"], strict=True)]
             entry["fidelity"] = {"psnr_mean": float(np.mean([f["psnr"] for f in fid])),
                                  "corr_mean": float(np.mean([f["corr"] for f in fid]))}
@@ -232,14 +232,19 @@ def _corex_html(c: dict, figure: str) -> str:
             f"{''.join(rows)}</table><img src='{figure}'>")
 
 
+def fidelity_text(fidelity: dict, key: str, fmt: str) -> str:
+    """A fidelity number, or an em dash where there is no ground truth to compare with (real cohorts)."""
+    return format(fidelity[key], fmt) if key in fidelity else "—"
+
+
 def _html(numbers: dict, figures: dict) -> str:
     rows = []
     for name, entry in numbers["images"].items():
         sp, ar = entry["site_predictability"], entry["age_r2"]
         fid = entry.get("fidelity", {})
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{sp['accuracy']:.2f} (chance {sp['chance']:.2f})</td>"
-                    f"<td>{ar['r2']:.2f}</td><td>{fid.get('psnr_mean', float('nan')):.1f}</td>"
-                    f"<td>{fid.get('corr_mean', float('nan')):.3f}</td></tr>")
+                    f"<td>{ar['r2']:.2f}</td><td>{fidelity_text(fid, 'psnr_mean', '.1f')}</td>"
+                    f"<td>{fidelity_text(fid, 'corr_mean', '.3f')}</td></tr>")
     corex = _corex_html(numbers["corex"], figures["corex"]) if "corex" in numbers else ""
     model = numbers["model"]
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in numbers["timings_s"].items())

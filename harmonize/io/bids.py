@@ -68,6 +68,12 @@ def _parse_age(value: str) -> float:
     return age if np.isfinite(age) else float("nan")
 
 
+def _parse_label(value) -> str:
+    """A categorical covariate as text; BIDS's "n/a" (and an empty cell) mean unknown, stored as ""."""
+    text = "" if value is None or (isinstance(value, float) and not np.isfinite(value)) else str(value).strip()
+    return "" if text.lower() in ("n/a", "nan") else text
+
+
 def discover(bids_dir: str | os.PathLike) -> Discovery:
     """List usable (subject, file, covariates) and everything set aside with the reason."""
     root = Path(bids_dir).resolve()
@@ -122,7 +128,7 @@ def discover(bids_dir: str | os.PathLike) -> Discovery:
         found.candidates.append(Candidate(
             subject=label, path=path, relpath=rel, site=site,
             age=_parse_age(row[S.AGE]) if S.AGE in row else float("nan"),
-            sex=str(row[S.SEX]).strip() if S.SEX in row else ""))
+            sex=_parse_label(row[S.SEX]) if S.SEX in row else ""))
     for label, row in rows.items():
         if row is not None and label not in images and not (root / f"sub-{label}").exists():
             found.waiting.append(label)

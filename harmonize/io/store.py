@@ -237,6 +237,17 @@ class CohortStore:
         return ds
 
 
+def missing_covariates(table: pd.DataFrame, names) -> dict[str, list[str]]:
+    """covariate -> subjects of `table` (rows of the store's table) without it (NaN age, empty sex)."""
+    gaps = {}
+    for name in names:
+        values = table[name]
+        gap = values.isna() if values.dtype.kind == "f" else values.astype(str).isin(["", "None", "nan"])
+        if gap.any():
+            gaps[name] = table[S.SUBJECT][gap].astype(str).tolist()
+    return gaps
+
+
 def write_volume(array_path: str, position: int, volume: np.ndarray) -> None:
     """Write one subject's whole volume (whole chunks only: safe beside other writers, idempotent)."""
     arr = zarr.open_array(array_path, mode="r+", zarr_format=3)

@@ -31,6 +31,10 @@ class HarmonizerBase:
     def _require_fitted(self) -> None:
         raise NotImplementedError
 
+    def covariates_needed(self) -> tuple[str, ...]:
+        """Covariates every subject must have for this model (fit and apply); none by default."""
+        return ()
+
     def site_code(self, site: str) -> int:
         """The site's position in the training site order; a clear error for a site never seen."""
         self._require_fitted()

@@ -452,6 +452,10 @@ class InvariantHarmonizer(HarmonizerBase):
         if not hasattr(self, "model_"):
             raise RuntimeError("this InvariantHarmonizer is not fitted: call fit() or load() first")
 
+    def covariates_needed(self) -> tuple[str, ...]:
+        """The calibration keeps age and sex effects, so it needs them; the bare network does not."""
+        return CALIBRATION_COVARIATES if self.calibrate == "combat" else ()
+
     def check_reference(self, reference_site: str | None) -> None:
         """Any training site can be the target of the network (its decoder is conditioned on the site); the
         ComBat calibration was fitted for the training reference."""

@@ -180,6 +180,9 @@ class VoxelComBat(HarmonizerBase):
                 progress({"step": k + 1, "steps": len(blocks)})
         return self.fit_from_blocks(stats, blocks, mask, design)
 
+    def covariates_needed(self) -> tuple[str, ...]:
+        return tuple(self.covariates or ())
+
     def check_size(self, n_voxels: int) -> None:
         """Refuse a non-parametric fit over more voxels than it can compare pairwise."""
         if self.eb and not self.parametric and n_voxels > MAX_NONPARAMETRIC_VOXELS:
