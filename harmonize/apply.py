@@ -20,7 +20,7 @@ import numpy as np
 import zarr
 from distributed import Client
 
-from harmonize.cluster import gather_with_progress, gpu_resources
+from harmonize.cluster import gpu_resources
 from harmonize.io import schema as S
 from harmonize.io.store import CohortStore, missing_covariates, read_volume
 from harmonize.models import load_model, model_checksum
@@ -99,12 +99,15 @@ class ApplyResult:
     reference_site: str
     harmonized: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    rejected: list[dict] = field(default_factory=list)  # set aside, with the reason; the rest went on
+    rejected: list[dict] = field(default_factory=list)  # set aside before any work, with the reason
+    failed: list[dict] = field(default_factory=list)  # processing raised; the rest went on
 
     def summary(self) -> str:
         lines = [f"apply: {len(self.harmonized)} subject(s) harmonized to {self.reference_site}, "
-                 f"{len(self.skipped)} already done with this model, {len(self.rejected)} set aside"]
+                 f"{len(self.skipped)} already done with this model, {len(self.rejected)} set aside"
+                 + (f", {len(self.failed)} failed" if self.failed else "")]
         lines += [f"  set aside sub-{r['subject']}: {r['reason']}" for r in self.rejected]
+        lines += [f"  failed sub-{r['subject']}: {r['reason']}" for r in self.failed]
         return "\n".join(lines)
 
 
@@ -141,20 +144,24 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
     target_name = f"site {reference}" if reference else "the pooled sites"
     result = ApplyResult(model_dir=model_dir, reference_site=target_name,
                          skipped=table[S.SUBJECT][ingested & ~np.isin(np.arange(len(table)), todo)].tolist())
-    unknown = sorted(set(table[S.SITE].iloc[todo]) - set(model.sites_))
-    if unknown:
-        raise ValueError(f"subjects from site(s) {unknown} cannot be harmonized by this model (trained on "
-                         f"{model.sites_}); refit including them, or apply to a store without them")
+    set_aside: dict[str, str] = {}
+    known = set(model.sites_)
+    for i in todo:  # a site the model never saw (new scanner since the fit): that subject waits for a refit
+        site = str(table[S.SITE].iat[i])
+        if site not in known:
+            set_aside[str(table[S.SUBJECT].iat[i])] = (
+                f"site {site!r} is not one the model was trained on ({', '.join(model.sites_)}); refit the model "
+                "with this site's subjects (`harmonize fit STORE`, or `harmonize run SPEC --refit`)")
     gaps = missing_covariates(table.iloc[todo], model.covariates_needed())
-    if gaps:  # this model keeps each subject's own age/sex effects: without them, set the subject aside
-        lacking: dict[str, list[str]] = {}
-        for name, subjects in gaps.items():
-            for subject in subjects:
-                lacking.setdefault(subject, []).append(name)
-        result.rejected = [{"subject": s, "reason": f"no {' or '.join(names)} in the store: fill it in "
-                            "participants.tsv and rerun `harmonize ingest`, then apply again"}
-                           for s, names in sorted(lacking.items())]
-        todo = np.array([i for i in todo if str(table[S.SUBJECT].iat[i]) not in lacking], dtype=int)
+    lacking: dict[str, list[str]] = {}
+    for name, subjects in gaps.items():  # this model keeps each subject's own age/sex effects
+        for subject in subjects:
+            lacking.setdefault(subject, []).append(name)
+    for subject, names in lacking.items():
+        set_aside.setdefault(subject, f"no {' or '.join(names)} in the store: fill it in participants.tsv and "
+                                      "rerun `harmonize ingest`, then apply again")
+    result.rejected = [{"subject": s, "reason": r} for s, r in sorted(set_aside.items())]
+    todo = np.array([i for i in todo if str(table[S.SUBJECT].iat[i]) not in set_aside], dtype=int)
     if len(todo) == 0:
         return result
     mask = store.mask()
@@ -167,7 +174,19 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
         context_futures = [client.submit(_subject_context, model_dir, checksum, images_path, int(i), mask_future,
                                           site, cov, pure=False, resources=resources)
                            for i, site, cov in zip(todo, sites, covariates, strict=True)]
-        contexts = gather_with_progress(client, context_futures, "subject context", show=progress)
+        index_of = {f.key: k for k, f in enumerate(context_futures)}
+        contexts = [None] * len(todo)
+        for future, error in _as_finished(context_futures, "subject context", progress):
+            k = index_of[future.key]
+            if error is None:
+                contexts[k] = future.result()
+            else:  # this subject's images cannot be read: record it, the others go on
+                i = int(todo[k])
+                store.set_field(status, [i], [S.REJECTED])
+                result.failed.append({"subject": str(table[S.SUBJECT].iat[i]),
+                                      "reason": f"{type(error).__name__}: {error}"})
+        keep = [k for k, c in enumerate(contexts) if c is not None]
+        todo, contexts = todo[keep], [contexts[k] for k in keep]
     else:  # from the covariate table alone: errors (a missing covariate) name the subject here
         contexts = []
         for i, site, cov in zip(todo, sites, covariates, strict=True):
@@ -186,7 +205,37 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
         write = da.store(lazy, target, regions=region, lock=False, compute=False)
         # resources on compute(): dask.annotate is dropped by graph optimization (dask#7036)
         futures.append(client.compute(write, resources=resources))
-    gather_with_progress(client, futures, "apply", show=progress)
-    store.set_field(status, todo, [S.DONE] * len(todo))
-    result.harmonized = table[S.SUBJECT].iloc[todo].tolist()
+    subject_of = {f.key: int(i) for f, i in zip(futures, todo, strict=True)}
+    for future, error in _as_finished(futures, "apply", progress):
+        # status after the data, per subject as it finishes: a run killed now keeps what it finished
+        i = subject_of[future.key]
+        subject = str(table[S.SUBJECT].iat[i])
+        if error is None:
+            store.set_field(status, [i], [S.DONE])
+            result.harmonized.append(subject)
+        else:  # this subject's data or task failed: record it, the others go on; the next run retries it
+            store.set_field(status, [i], [S.REJECTED])
+            result.failed.append({"subject": subject, "reason": f"{type(error).__name__}: {error}"})
+    order = {s: k for k, s in enumerate(table[S.SUBJECT].iloc[todo])}
+    result.harmonized.sort(key=order.get)
     return result
+
+
+def _as_finished(futures: list, desc: str, progress: bool):
+    """(future, None) or (future, exception) as each finishes, with a progress bar."""
+    import sys
+
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(futures), desc=desc, unit="subject", disable=not progress, file=sys.stderr) as bar:
+        for future in as_completed(futures):
+            bar.update(1)
+            if future.status == "finished":
+                yield future, None
+            else:
+                try:
+                    error = future.exception()
+                except Exception as exc:  # noqa: BLE001 - cancelled futures raise instead of returning
+                    error = exc
+                yield future, error

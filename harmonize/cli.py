@@ -1,7 +1,8 @@
 """`harmonize` command line: parse arguments, call the library (harmonize.pipeline), print results.
 
-Exit codes: 0 ok; 1 the run failed (message on stderr); 2 bad usage; 3 done, but some inputs were
-rejected (each listed with its reason in the summary).
+Exit codes: 0 ok; 1 the run failed (message on stderr); 2 bad usage (or a bad pipeline spec); 3 done,
+but some inputs were rejected or some subjects failed (each listed with its reason in the summary);
+75 (`run`) another run is working on the store, nothing was done.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REJECTED, EXIT_LOCKED = 0, 1, 2, 3, 75
 
 _CLUSTER_HELP = ("cluster spec: a YAML file from cluster/, 'local', or a scheduler address "
                  "(default: $HARMONIZE_SCHEDULER, else a LocalCluster on 127.0.0.1)")
@@ -29,10 +30,22 @@ def _parser() -> argparse.ArgumentParser:
                     "simulate -> ingest -> fit -> apply -> export -> corex -> report; `demo` runs them all.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    p = sub.add_parser("run", help="run a pipeline spec (pipelines/*.yaml): new subjects only; resumable",
+                       description="Run the steps of a pipeline spec on whatever is new in its input folder: "
+                                   "ingest new subjects, fit a model only when needed, harmonize and export the "
+                                   "subjects without results, report. A run with nothing new does nothing; a "
+                                   "killed run is finished by the next. Writes STORE/runs/<id>/run.json. Exit "
+                                   "codes: 0 ok or nothing new, 3 some inputs set aside or subjects failed, "
+                                   "1 the run failed, 2 the spec is invalid, 75 another run holds the store.")
+    p.add_argument("spec", help="a pipeline spec YAML file (start from pipelines/nightly.yaml)")
+    p.add_argument("--refit", action="store_true", help="fit every model of the spec again (e.g. after a new site)")
+    _add_cluster(p)
+
     p = sub.add_parser("demo", help="run the whole job on a simulated multi-site cohort from real anatomy",
-                       description="Simulate a cohort (MNI152 anatomy, ABIDE scanner metrics), ingest it into a "
-                                   "Zarr store, fit the site-invariant model, apply it with Dask, export NIfTI, "
-                                   "run CorEx and write a report. Prints where the report is.")
+                       description="Simulate a cohort (MNI152 anatomy, ABIDE scanner metrics), then run "
+                                   "pipelines/demo.yaml on it: ingest into a Zarr store, fit ComBat and the "
+                                   "site-invariant model, apply them with Dask, export NIfTI, run CorEx and "
+                                   "write a report. Prints where the report is.")
     p.add_argument("--workdir", default="harmonize-demo", help="folder for the cohort, store and report")
     p.add_argument("--subjects-per-site", type=int, default=10)
     p.add_argument("--resolution", type=float, default=2.0, help="mm (2 is the default; 1 is slow)")
@@ -125,13 +138,25 @@ def _run(args) -> int:
     from harmonize.cluster import use_client
 
     show = not getattr(args, "quiet", False)
+    if args.command == "run":
+        return _run_spec(args, show)
     if args.command == "demo":
+        from harmonize import runner
+        from harmonize.report import fidelity_text
         from harmonize.simulate import CohortSpec
 
-        spec = CohortSpec(subjects_per_site=args.subjects_per_site, resolution_mm=args.resolution, seed=args.seed)
+        cohort = CohortSpec(subjects_per_site=args.subjects_per_site, resolution_mm=args.resolution, seed=args.seed)
         params = {"steps": args.steps} if args.steps else {}
-        report = pipeline.demo(args.workdir, spec, cluster_spec=args.cluster, fit_params=params, progress=show)
-        from harmonize.report import fidelity_text
+        record = runner.demo(args.workdir, cohort, cluster_spec=args.cluster, fit_params=params, progress=show)
+        if record.exit_code not in (EXIT_OK, EXIT_REJECTED):
+            print(record.summary(), file=sys.stderr)
+            return record.exit_code
+        report = runner.latest_report(Path(args.workdir) / "cohort.zarr")
+        if record.status == "nothing new":
+            print(f"demo: nothing new in {args.workdir} (already harmonized); the report of the run that made it:")
+        if report is None:
+            print(record.summary())
+            return record.exit_code
 
         numbers = json.loads((report / "report.json").read_text())
         for name, entry in numbers["images"].items():
@@ -179,7 +204,7 @@ def _run(args) -> int:
             result = pipeline.apply(args.store, client, args.model_dir, args.reference_site, args.overwrite,
                                     progress=show, kind=args.model, output=args.output)
             print(result.summary())
-            return EXIT_REJECTED if result.rejected else EXIT_OK
+            return EXIT_REJECTED if result.rejected or result.failed else EXIT_OK
         if args.command == "export":
             paths = pipeline.export(args.store, args.out_dir, client, progress=show, output=args.output)
             print(f"export: {len(paths)} file(s) in {args.out_dir}")
@@ -203,6 +228,24 @@ def _run(args) -> int:
                 print(f"corex: factor(s) {out['flagged']} still track site after harmonization (see the report)")
             return EXIT_OK
     raise AssertionError(args.command)
+
+
+def _run_spec(args, show: bool) -> int:
+    from harmonize import runner
+    from harmonize.spec import PipelineSpecError, load_pipeline
+
+    try:
+        spec = load_pipeline(args.spec, overrides={"cluster": args.cluster} if args.cluster else None)
+    except PipelineSpecError as exc:
+        print(f"harmonize run: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        record = runner.run(spec, refit=args.refit, progress=show)
+    except runner.RunLocked as exc:
+        print(f"harmonize run: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    print(record.summary())
+    return record.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

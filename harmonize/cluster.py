@@ -46,9 +46,14 @@ class TorchThreads(WorkerPlugin):
     name = "harmonize-torch-threads"
 
     def setup(self, worker) -> None:
+        import logging
+
         import torch
 
         torch.set_num_threads(max(1, int(worker.state.nthreads)))
+        # the deeply nested profile that performance_report fetches makes sizeof() give up (harmlessly) with
+        # a WARNING on every run: keep real problems visible, not that one
+        logging.getLogger("distributed.sizeof").setLevel(logging.ERROR)
 
 
 # ---- spec validation ----------------------------------------------------------------------------
@@ -523,7 +528,8 @@ def _local_cluster(data: Mapping) -> tuple[LocalCluster, int]:
         n_workers=int(n_cpu), threads_per_worker=int(data["threads_per_worker"]), memory_limit=data["memory_limit"],
         processes=bool(data["processes"]), host=host, dashboard_address=data["dashboard_address"] or f"{host}:0",
         resources=data.get("resources"), security=security,
-        protocol="tls://" if security is not None else None)
+        # explicit tcp: without it, processes: false picks inproc://, which cannot bind 127.0.0.1
+        protocol="tls://" if security is not None else "tcp://")
     if devices:
         template = next(iter(cluster.new_worker_spec().values()))
         for device in devices:

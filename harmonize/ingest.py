@@ -22,7 +22,7 @@ from distributed import Client
 from harmonize.cluster import gather_with_progress
 from harmonize.io import bids
 from harmonize.io import schema as S
-from harmonize.io.nifti import InputRejected, check_header, read_volume, sha256_file
+from harmonize.io.nifti import InputRejected, check_header, native_grid, read_volume, sha256_file
 from harmonize.io.store import DEFAULT_CHUNKS, CohortStore, Grid, missing_covariates, write_volume
 
 
@@ -54,37 +54,46 @@ def _labels(subjects: list[str], limit: int = 8) -> str:
     return shown + (f" and {len(subjects) - limit} more" if len(subjects) > limit else "")
 
 
-def _ingest_one(path: str, grid_attrs: dict, array_path: str, position: int) -> dict:
-    """Worker task: read, check and write one subject's volume. Never raises for bad input."""
+def _ingest_one(path: str, grid_attrs: dict, array_path: str, position: int, shown: str | None = None) -> dict:
+    """Worker task: read, check and write one subject's volume. Never raises for bad input.
+
+    `shown` names the file in messages (its path relative to the input root: no absolute paths)."""
+    shown = shown or path
     grid = Grid.from_attrs(grid_attrs)
     try:
-        volume, _ = read_volume(path, grid)
+        volume, _ = read_volume(path, grid, shown=shown)
         write_volume(array_path, position, volume)
         return {"ok": True, "sha256": sha256_file(path)}
     except InputRejected as exc:
         return {"ok": False, "reason": str(exc)}
     except Exception as exc:  # noqa: BLE001 - one bad file must not stop the batch
-        return {"ok": False, "reason": f"{path}: unexpected {type(exc).__name__}: {exc}"}
+        detail = str(exc).replace(path, shown)
+        return {"ok": False, "reason": f"{shown}: unexpected {type(exc).__name__}: {detail}; re-export the file "
+                                       "and re-run ingest (report it if it persists)"}
 
 
-def _reference_grid(candidates: list[bids.Candidate], rejected: list[dict]) -> Grid:
-    """The grid of the first readable volume, when the store does not exist yet."""
-    import nibabel as nib
-    from nibabel import orientations as ornt
+def _reference_grid(candidates: list[bids.Candidate]) -> Grid:
+    """The grid most usable volumes share (the first such volume's, on a tie), when the store does not exist yet.
 
+    Only files that pass the header checks count, and the majority rules: one corrupt or wrongly
+    resampled file (even the first) cannot become the grid every other subject is measured against.
+    """
+    grids: list[Grid] = []
+    votes: dict[tuple, int] = {}
     for cand in candidates:
         try:
-            img = nib.load(str(cand.path))
-            shape = tuple(int(s) for s in img.shape[:3])
-            if len(img.shape) == 3 or (len(img.shape) == 4 and img.shape[3] == 1):
-                # the store's grid is that volume's grid in RAS+ axis order (lossless flips/permutations)
-                to_ras = ornt.ornt_transform(ornt.io_orientation(img.affine), ornt.axcodes2ornt("RAS"))
-                affine = np.asarray(img.affine, float) @ ornt.inv_ornt_aff(to_ras, shape)
-                ras_shape = tuple(int(shape[int(ax)]) for ax in to_ras[:, 0].argsort())
-                return Grid(ras_shape, affine)
-        except Exception:  # noqa: BLE001,S112 - reported by check_header below
+            grid = native_grid(cand.path, shown=cand.relpath)
+        except InputRejected:  # reported by check_header below
             continue
-    raise bids.CohortError("no readable 3-D NIfTI volume found to define the reference grid")
+        key = (grid.shape, tuple(np.round(grid.affine, 3).ravel().tolist()))
+        if key not in votes:
+            grids.append(grid)
+        votes[key] = votes.get(key, 0) + 1
+    if not grids:
+        raise bids.CohortError("no readable 3-D NIfTI volume found to define the reference grid; "
+                               "check the subjects' anat/sub-<label>_T1w.nii[.gz] files")
+    keys = list(votes)
+    return grids[max(range(len(keys)), key=lambda i: (votes[keys[i]], -i))]
 
 
 def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: Client | None = None,
@@ -96,7 +105,7 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
     store_path = Path(store_path)
     new_store = not (store_path / "zarr.json").exists()
     if new_store:
-        grid = _reference_grid(found.candidates, result.rejected)
+        grid = _reference_grid(found.candidates)
         store = CohortStore.create(store_path, grid, np.zeros(grid.shape, np.uint8), chunks)
     else:
         store = CohortStore(store_path)
@@ -113,9 +122,12 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
             result.skipped.append(cand.subject)
             continue
         try:
-            affine = check_header(cand.path, store.grid)
-        except InputRejected as exc:
-            result.rejected.append({"subject": cand.subject, "path": cand.relpath, "reason": str(exc)})
+            affine = check_header(cand.path, store.grid, shown=cand.relpath)
+        except Exception as exc:  # noqa: BLE001 - InputRejected, or anything else: set this subject aside only
+            reason = str(exc) if isinstance(exc, InputRejected) else (
+                f"{cand.relpath}: unexpected {type(exc).__name__}: {str(exc).replace(str(cand.path), cand.relpath)}; "
+                "re-export the file and re-run ingest")
+            result.rejected.append({"subject": cand.subject, "path": cand.relpath, "reason": reason})
             if pos is not None:
                 store.set_field(S.INGEST_STATUS, [pos], [S.REJECTED])
             continue
@@ -133,7 +145,7 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
     if todo:
         array_path = store.array_path(S.IMAGES)
         grid_attrs = store.grid.to_attrs()
-        args = [(str(c.path), grid_attrs, array_path, p) for c, p in todo]
+        args = [(str(c.path), grid_attrs, array_path, p, c.relpath) for c, p in todo]
         if client is None:
             outcomes = [_ingest_one(*a) for a in args]
         else:
@@ -151,7 +163,9 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
         store.set_field(S.AGE, [p for _, p in updates], [c.age for c, _ in updates])
         store.set_field(S.SEX, [p for _, p in updates], [c.sex for c, _ in updates])
         result.updated = [c.subject for c, _ in updates]
-    if new_store and result.ingested:
+    if result.ingested and S.MASK_FROM not in store.group.attrs:
+        # once, from the first subjects ingested (kept afterwards so that results stay stable as the cohort
+        # grows); decided by a flag written after the mask, so a run killed before it writes it next time
         _write_mask(store, mask_threshold)
     table = store.table()
     result.incomplete = missing_covariates(table[table[S.INGEST_STATUS] == S.DONE], (S.AGE, S.SEX))
@@ -169,3 +183,4 @@ def _write_mask(store: CohortStore, threshold: float) -> None:
     images = store.dataset(only_ingested=True)[S.IMAGES]
     fraction = (images > 0).mean(S.SUBJECT).compute().values
     store.group[S.MASK][...] = (fraction >= threshold).astype(np.uint8)
+    store.group.attrs[S.MASK_FROM] = {"threshold": threshold, "n_subjects": int(images.sizes[S.SUBJECT])}

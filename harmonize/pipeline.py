@@ -1,9 +1,10 @@
 """The stages of a harmonization run as library functions; the CLI and notebooks call these.
 
-    simulate -> ingest -> fit -> apply -> export -> corex -> report      (demo runs them all)
+    simulate -> ingest -> fit -> apply -> export -> corex -> report
 
 Every stage takes a store path and (where it computes) a distributed Client, and can run alone
-on an existing store.
+on an existing store. `harmonize.runner` runs them as the steps of a pipeline spec (`harmonize run`,
+`harmonize demo`).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import numpy as np
 from distributed import Client
 
 from harmonize.apply import ApplyResult, apply_model
-from harmonize.cluster import PROGRESS_TOPIC, gpu_resources, total_threads, use_client
-from harmonize.ingest import IngestResult, ingest
+from harmonize.cluster import PROGRESS_TOPIC, gpu_resources, total_threads
+from harmonize.ingest import ingest
 from harmonize.io import schema as S
 from harmonize.io.nifti import write_volume
 from harmonize.io.store import CohortStore, dump_json, missing_covariates, read_volume
 from harmonize.models import MODELS, load_model
-from harmonize.simulate import CohortSpec, simulate_cohort
+
+__all__ = ["ingest", "fit", "apply", "export", "corex", "current_model", "load_fitted"]  # ingest: re-exported
 
 CURRENT_MODEL = "current.json"
 
@@ -163,12 +165,22 @@ def _export_one(array_path: str, position: int, grid_attrs: dict, affine: np.nda
     return path
 
 
+def _desc(output: str) -> str:
+    """The BIDS desc label of an output (labels are alphanumeric): harmonized_combat -> harmonizedCombat."""
+    return "".join(part.capitalize() if k else part for k, part in enumerate(output.split("_")))
+
+
+def export_path(out_dir: str | os.PathLike, subject: str, output: str = S.HARMONIZED) -> Path:
+    """Where `export` writes a subject's volume of `output`."""
+    return Path(out_dir) / f"sub-{subject}" / "anat" / f"sub-{subject}_desc-{_desc(output)}_T1w.nii.gz"
+
+
 def export(store_path: str | os.PathLike, out_dir: str | os.PathLike, client: Client,
-           progress: bool = True, output: str = S.HARMONIZED) -> list[Path]:
+           progress: bool = True, output: str = S.HARMONIZED, subjects: list[str] | None = None) -> list[Path]:
     """Harmonized volumes -> BIDS derivative NIfTI files, each in its subject's original affine.
 
-    `output` picks the store's volume array (`harmonized`, `harmonized_combat`, ...); its files are named
-    `desc-harmonized` or `desc-harmonized<Kind>` (BIDS labels are alphanumeric).
+    `output` picks the store's volume array (`harmonized`, `harmonized_combat`, ...); file names come from
+    `export_path`. `subjects`: only these (of those harmonized); default all.
     """
     from harmonize.cluster import gather_with_progress
 
@@ -178,14 +190,16 @@ def export(store_path: str | os.PathLike, out_dir: str | os.PathLike, client: Cl
     done = np.flatnonzero(store.status(S.status_of(output)) == S.DONE)
     if len(done) == 0:
         raise ValueError(f"{store.path} has no subjects in {output!r} yet: run `harmonize apply` first")
+    if subjects is not None:
+        wanted = set(subjects)
+        done = np.array([i for i in done if table[S.SUBJECT].iat[i] in wanted], dtype=int)
     affines = store.group[S.AFFINE][:]
     grid_attrs = store.grid.to_attrs()
     array_path = store.array_path(output)
-    desc = "".join(part.capitalize() if k else part for k, part in enumerate(output.split("_")))
+    desc = _desc(output)
     futures = []
     for i in done:
-        sub = table[S.SUBJECT].iat[i]
-        path = out / f"sub-{sub}" / "anat" / f"sub-{sub}_desc-{desc}_T1w.nii.gz"
+        path = export_path(out, table[S.SUBJECT].iat[i], output)
         futures.append(client.submit(_export_one, array_path, int(i), grid_attrs, affines[i], str(path),
                                      pure=False))
     paths = [Path(p) for p in gather_with_progress(client, futures, "export", show=progress)]
@@ -288,51 +302,6 @@ def corex(store_path: str | os.PathLike, client: Client, n_factors: int = 4, n_r
                "audit": audit, "flagged": audit[names[source]]["flagged_factors"] if source != S.IMAGES else []}
     store.write_small(S.COREX_TCS, np.asarray(model.tcs_), (S.FACTOR,), summary)
     return {**summary, "tcs": list(map(float, model.tcs_))}
-
-
-# ---- demo ---------------------------------------------------------------------------------------
-def demo(workdir: str | os.PathLike = "harmonize-demo", spec: CohortSpec | None = None,
-         client: Client | None = None, cluster_spec=None, fit_params: dict | None = None,
-         progress: bool = True) -> Path:
-    """The whole job on a simulated multi-site cohort from real anatomy; returns the report folder."""
-    from harmonize.report import make_report
-
-    spec = spec or CohortSpec()
-    work = Path(workdir)
-    store_path = work / "cohort.zarr"
-    t0 = time.perf_counter()
-    timings = {}
-    log = (lambda m: print(f"harmonize demo: {m}", file=sys.stderr)) if progress else (lambda m: None)
-    log(f"simulating {len(spec.sites)} sites x {spec.subjects_per_site} subjects at "
-        f"{spec.resolution_mm:g} mm into {work}")
-    sim = simulate_cohort(work / "cohort", spec, progress=progress)
-    timings["simulate"] = time.perf_counter() - t0
-    with use_client(client, cluster_spec, quiet=not progress) as cl:
-        stages = [
-            ("ingest", lambda: ingest(sim["bids_dir"], store_path, cl, progress=progress)),
-            # ComBat, the baseline every reader asks for, is kept beside the main model's output
-            ("fit combat", lambda: fit(store_path, cl, "combat", {"reference_site": spec.reference},
-                                       progress=progress)),
-            ("apply combat", lambda: apply(store_path, cl, reference_site=spec.reference, progress=progress,
-                                           kind="combat", output=S.output_for("combat"))),
-            ("fit", lambda: fit(store_path, cl, "invariant",
-                                {"reference_site": spec.reference, **(fit_params or {})}, progress=progress)),
-            ("apply", lambda: apply(store_path, cl, reference_site=spec.reference, progress=progress,
-                                    kind="invariant")),
-            ("export", lambda: export(store_path, work / "harmonized", cl, progress=progress)),
-            ("corex", lambda: corex(store_path, cl, progress=progress)),
-        ]
-        for name, stage in stages:
-            t = time.perf_counter()
-            out = stage()
-            timings[name] = time.perf_counter() - t
-            if isinstance(out, IngestResult | ApplyResult):
-                log(out.summary())
-    t = time.perf_counter()
-    report_dir = make_report(store_path, groundtruth_dir=sim["groundtruth_dir"], timings=timings)
-    timings["report"] = time.perf_counter() - t
-    log(f"done in {time.perf_counter() - t0:.0f} s")
-    return report_dir
 
 
 def load_fitted(store_path: str | os.PathLike):

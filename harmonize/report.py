@@ -81,7 +81,8 @@ def make_report(store_path: str | os.PathLike, groundtruth_dir: str | os.PathLik
         images["ground truth"] = [np.asarray(nib.load(groundtruth_path(groundtruth_dir, s)).dataobj, np.float32)
                                   for s in subjects]
     attrs = dict(store.group[S.HARMONIZED].attrs)
-    numbers: dict = {"store": str(store.path), "n_subjects": int(len(positions)),
+    numbers: dict = {"store": store.path.name,  # never an absolute path of this machine
+                      "n_subjects": int(len(positions)),
                      "sites": sorted(set(sites.tolist())), "model": {k: attrs.get(k) for k in
                      ("model_kind", "model_checksum", "reference_site")}, "timings_s": timings or {},
                      "images": {}}

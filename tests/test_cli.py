@@ -9,7 +9,7 @@ import pytest
 
 from harmonize.cli import EXIT_OK, EXIT_REJECTED, main
 
-COMMANDS = ("demo", "simulate", "ingest", "fit", "apply", "export", "corex", "report")
+COMMANDS = ("run", "demo", "simulate", "ingest", "fit", "apply", "export", "corex", "report")
 
 
 def test_top_level_help_lists_every_stage(capsys):
@@ -66,3 +66,11 @@ def test_stages_one_by_one_on_a_store(cohort_copy, tmp_path, client, capsys):
         assert 0.0 <= sp["accuracy"] <= 1.0 and sp["chance"] == pytest.approx(4 / 11)
         assert np.isfinite(numbers["images"][name]["age_r2"]["r2"])
     assert (tmp_path / "report" / "report.html").exists()
+
+
+def test_run_with_a_bad_spec_is_a_usage_error_naming_the_line(tmp_path, small_cohort, capsys):
+    spec = tmp_path / "night.yaml"
+    spec.write_text(f"input: {small_cohort['bids_dir']}\nstore: {tmp_path / 's.zarr'}\nexprot: out\n")
+    assert main(["run", str(spec), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{spec}, line 3, key 'exprot': unknown key 'exprot'" in err and "Traceback" not in err

@@ -7,6 +7,7 @@ the caller records it and goes on with the rest of the cohort.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -34,78 +35,184 @@ def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _load_image(path: Path) -> nib.Nifti1Image:
+def _why(exc: BaseException, path: Path, shown: str) -> str:
+    """An exception in a message, with the file's absolute path replaced by how the file is shown."""
+    return f"{type(exc).__name__}: {str(exc).replace(str(path), shown)}"
+
+
+def _load_image(path: Path, shown: str) -> nib.Nifti1Image:
+    if path.is_dir():
+        raise InputRejected(f"{shown}: is a folder, not a file. Put the T1w volume itself there "
+                            "(sub-<label>_T1w.nii.gz) and re-run ingest.")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputRejected(f"{shown}: cannot be opened ({_why(exc, path, shown)}). "
+                            "Check that the file exists and is readable, then re-run ingest.") from exc
+    if size == 0:
+        raise InputRejected(f"{shown}: is empty (0 bytes). The copy or conversion failed; "
+                            "re-export or re-copy the file and re-run ingest.")
     try:
         img = nib.load(str(path))
     except Exception as exc:  # nibabel raises many types for corrupt files
-        raise InputRejected(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc}). "
-                            "Check that the file is a complete .nii/.nii.gz.") from exc
+        raise InputRejected(f"{shown}: not a readable NIfTI file ({_why(exc, path, shown)}). Check that the "
+                            "file is a complete .nii/.nii.gz (re-export or re-copy it) and re-run ingest.") from exc
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputRejected(f"{path}: is a {type(img).__name__}, expected NIfTI-1/2.")
+        raise InputRejected(f"{shown}: is a {type(img).__name__}, expected NIfTI-1/2. Convert it to NIfTI "
+                            "(e.g. with dcm2niix or nibabel) and re-run ingest.")
     return img
 
 
-def _spatial_shape(path: Path, img: nib.Nifti1Image) -> tuple[int, int, int]:
+def _check_dtype(shown: str, img: nib.Nifti1Image) -> None:
+    """Real-valued intensities only: complex, RGB and other compound voxels have no single intensity."""
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iuf" or dtype.fields is not None:
+        what = {"c": "complex", "V": "compound (e.g. RGB)", "b": "boolean"}.get(dtype.kind, "non-numeric")
+        raise InputRejected(f"{shown}: voxel data type {dtype} is {what}; expected real-valued intensities "
+                            "(an integer or float type). Export the T1w magnitude image as int16/float32 "
+                            "and re-run ingest.")
+
+
+def _spatial_shape(shown: str, img: nib.Nifti1Image) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     if len(shape) != 3:
-        raise InputRejected(f"{path}: has shape {shape} ({len(shape)}-D); expected one 3-D T1w volume.")
+        raise InputRejected(f"{shown}: has shape {shape} ({len(shape)}-D); expected one 3-D T1w volume. "
+                            "Split a series or average the repeats into one volume and re-run ingest.")
     if min(shape) < 1:
-        raise InputRejected(f"{path}: has an empty dimension, shape {shape}.")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * img.get_data_dtype().itemsize
+        raise InputRejected(f"{shown}: has an empty dimension, shape {shape}; the header is corrupt. "
+                            "Re-export the file and re-run ingest.")
+    # Python integers: a NIfTI-2 header's 64-bit dims would overflow a numpy product and slip past the check
+    nbytes = math.prod(shape) * img.get_data_dtype().itemsize
     if nbytes > MAX_VOLUME_BYTES:
-        raise InputRejected(f"{path}: header claims {nbytes / 1024**3:.1f} GiB of voxels (shape {shape}); "
-                            "refusing to read it. The header is probably corrupt.")
+        gib = nbytes / 1024**3
+        size = f"{gib:.1f}" if gib < 1e6 else f"{gib:.3g}"
+        raise InputRejected(f"{shown}: header claims {size} GiB of voxels (shape {shape}, {img.get_data_dtype()}); "
+                            f"refusing to read it (limit {MAX_VOLUME_BYTES / 1024**3:.0f} GiB). The header is "
+                            "probably corrupt: re-export the file and re-run ingest.")
     return shape
 
 
-def _to_reference(path: Path, shape, affine: np.ndarray, grid: Grid) -> np.ndarray:
+def _check_affine(shown: str, affine: np.ndarray) -> np.ndarray:
+    affine = np.asarray(affine, dtype=float)
+    vox = np.sqrt((affine[:3, :3] ** 2).sum(axis=0)) if np.all(np.isfinite(affine)) else None
+    if vox is None or np.any(vox <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputRejected(f"{shown}: its voxel-to-world affine (sform/qform) is degenerate "
+                            f"({np.round(affine[:3], 3).tolist()}): non-finite or zero voxel size. "
+                            "Fix the header's sform/qform (re-export the file) and re-run ingest.")
+    return affine
+
+
+def _rotation_degrees(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle between the axis directions of two affines whose axes are in the same order."""
+    ra = a[:3, :3] / np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+    rb = b[:3, :3] / np.sqrt((b[:3, :3] ** 2).sum(axis=0))
+    cos = np.clip(np.abs(np.sum(ra * rb, axis=0)), 0.0, 1.0)
+    return float(np.degrees(np.arccos(cos)).max())
+
+
+def _to_reference(shown: str, shape, affine: np.ndarray, grid: Grid) -> np.ndarray:
     """Axis flips/permutations (lossless) that bring the file onto the reference grid, or reject."""
     transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.io_orientation(grid.affine))
     new_affine = affine @ ornt.inv_ornt_aff(transform, shape)
     new_shape = tuple(int(shape[int(ax)]) for ax in transform[:, 0].argsort())
     if new_shape != tuple(grid.shape) or not np.allclose(new_affine, grid.affine, atol=AFFINE_ATOL_MM):
-        vox = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        vox = np.sqrt((new_affine[:3, :3] ** 2).sum(axis=0))
+        ref_vox = np.asarray(grid.voxel_size)
+        problems = []
+        if new_shape != tuple(grid.shape):
+            problems.append(f"shape {new_shape} instead of {tuple(grid.shape)} (in the reference's axis order)")
+        if not np.allclose(vox, ref_vox, atol=AFFINE_ATOL_MM):
+            problems.append(f"voxel size {np.round(vox, 3).tolist()} mm instead of "
+                            f"{np.round(ref_vox, 3).tolist()} mm")
+        angle = _rotation_degrees(new_affine, grid.affine)
+        if angle > 0.01:
+            problems.append(f"oblique: its axes are rotated {angle:.1f} degrees from the reference axes "
+                            "(only lossless axis flips/permutations are applied at ingest)")
+        if not problems:
+            problems.append(f"origin {np.round(new_affine[:3, 3], 2).tolist()} instead of "
+                            f"{np.round(grid.affine[:3, 3], 2).tolist()} (shifted)")
         raise InputRejected(
-            f"{path}: grid {shape} at {np.round(vox, 3).tolist()} mm (origin "
-            f"{np.round(affine[:3, 3], 2).tolist()}) does not match the reference grid {tuple(grid.shape)} at "
-            f"{np.round(grid.voxel_size, 3).tolist()} mm (origin {np.round(grid.affine[:3, 3], 2).tolist()}). "
-            "Register/resample it to the cohort's template space first (e.g. with fMRIPrep/ANTs) "
-            "and re-run ingest.")
+            f"{shown}: does not match the reference grid: {'; '.join(problems)}. The reference grid is "
+            f"{tuple(grid.shape)} at {np.round(ref_vox, 3).tolist()} mm, origin "
+            f"{np.round(grid.affine[:3, 3], 2).tolist()}. Register/resample it to the cohort's template space "
+            "first (e.g. with fMRIPrep/ANTs) and re-run ingest.")
     return transform
 
 
-def check_header(path: str | os.PathLike, grid: Grid) -> np.ndarray:
-    """Cheap checks from the header alone; returns the file's affine. Raises InputRejected."""
+def _interpreted(path: Path, shown: str, step):
+    """Run a header check; anything but InputRejected (nibabel on a malformed header) becomes one too."""
+    try:
+        return step()
+    except InputRejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed header must not stop the batch
+        raise InputRejected(f"{shown}: the NIfTI header cannot be interpreted ({_why(exc, path, shown)}). "
+                            "Re-export the file and re-run ingest.") from exc
+
+
+def _usable(path: Path, shown: str) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
+    """(image, spatial shape, affine) of a file whose header passes every check that needs no reference."""
+    img = _load_image(path, shown)
+
+    def step():
+        _check_dtype(shown, img)
+        return img, _spatial_shape(shown, img), _check_affine(shown, img.affine)
+    return _interpreted(path, shown, step)
+
+
+def _checked(path: Path, shown: str, grid: Grid) -> tuple[nib.Nifti1Image, tuple[int, int, int], np.ndarray]:
+    """Every check the header allows: (image, spatial shape, orientation transform to the reference)."""
+    img, shape, affine = _usable(path, shown)
+    return img, shape, _interpreted(path, shown, lambda: _to_reference(shown, shape, affine, grid))
+
+
+def native_grid(path: str | os.PathLike, shown: str | None = None) -> Grid:
+    """A usable file's own grid in RAS+ axis order (lossless flips/permutations); raises InputRejected."""
     path = Path(path)
-    img = _load_image(path)
-    shape = _spatial_shape(path, img)
-    _to_reference(path, shape, img.affine, grid)
+    shown = shown or str(path)
+    _, shape, affine = _usable(path, shown)
+
+    def step():
+        to_ras = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
+        ras_shape = tuple(int(shape[int(ax)]) for ax in to_ras[:, 0].argsort())
+        return Grid(ras_shape, affine @ ornt.inv_ornt_aff(to_ras, shape))
+    return _interpreted(path, shown, step)
+
+
+def check_header(path: str | os.PathLike, grid: Grid, shown: str | None = None) -> np.ndarray:
+    """Cheap checks from the header alone; returns the file's affine. Raises InputRejected.
+
+    `shown` is how messages name the file (ingest passes the path relative to the input root).
+    """
+    path = Path(path)
+    img, _, _ = _checked(path, shown or str(path), grid)
     return np.asarray(img.affine, dtype=float)
 
 
-def read_volume(path: str | os.PathLike, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+def read_volume(path: str | os.PathLike, grid: Grid, shown: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read a volume conformed to the reference grid: float32, native byte order, scaling applied.
 
     Returns (volume, original affine). Raises InputRejected for anything unusable.
     """
     path = Path(path)
-    img = _load_image(path)
-    shape = _spatial_shape(path, img)
-    transform = _to_reference(path, shape, img.affine, grid)
+    shown = shown or str(path)
+    img, shape, transform = _checked(path, shown, grid)
     try:
         # get_fdata applies scl_slope/inter and returns native byte order (torch rejects '>f4')
         data = img.get_fdata(dtype=np.float32).reshape(shape)
     except Exception as exc:
-        raise InputRejected(f"{path}: the voxel data cannot be read ({type(exc).__name__}: {exc}); "
-                            "the file is probably truncated. Re-export or re-copy it.") from exc
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise InputRejected(f"{path}: {int(bad.sum())} voxels are NaN or Inf; expected finite intensities. "
-                            "Fix the preprocessing output (or mask those voxels to 0) and re-run ingest.")
+        raise InputRejected(f"{shown}: the voxel data cannot be read ({_why(exc, path, shown)}); "
+                            "the file is probably truncated. Re-export or re-copy it and re-run ingest.") from exc
+    n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+    if n_nan or n_inf:
+        raise InputRejected(f"{shown}: {n_nan + n_inf} voxels are NaN or Inf ({n_nan} NaN, {n_inf} Inf); "
+                            "expected finite intensities. Fix the preprocessing output (or set those voxels to 0) "
+                            "and re-run ingest.")
     if not np.any(data):
-        raise InputRejected(f"{path}: every voxel is 0; the volume is empty.")
+        raise InputRejected(f"{shown}: every voxel is 0; the volume is empty. Check the step that wrote it "
+                            "(conversion, skull stripping, registration) and re-run ingest.")
     volume = np.ascontiguousarray(ornt.apply_orientation(data, transform), dtype=np.float32)
     return volume, np.asarray(img.affine, dtype=float)
 

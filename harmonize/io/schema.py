@@ -19,7 +19,9 @@ A cohort store is a Zarr v3 group (a folder) that xarray opens as one Dataset:
     corex_tcs (factor)                  float64   per-factor TC (attrs: TC, source, features, restarts, audit)
     corex_feature_map (x, y, z)         int32     1-based feature of each voxel (0 = none), to draw loadings
 
-Group attrs hold the schema version, the reference grid (shape, affine, voxel size) and the chunk shape.
+Group attrs hold the schema version, the reference grid (shape, affine, voxel size), the chunk shape and
+`mask_from` (written after the mask: how it was made). Beside the arrays, folders: models/ (fitted models,
+current-<kind>.json pointers), reports/, runs/<run id>/ (run.json, performance.html, report of `harmonize run`).
 No other module spells out these names: import them from here.
 """
 
@@ -84,6 +86,10 @@ PENDING = 0
 DONE = 1
 REJECTED = 2
 
-# the folder inside a store where fitted models and run reports live
+# group attribute written after the brain mask (its threshold and how many subjects made it)
+MASK_FROM = "mask_from"
+
+# the folders inside a store where fitted models, reports and the records of `harmonize run` live
 MODELS_DIR = "models"
 REPORTS_DIR = "reports"
+RUNS_DIR = "runs"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,7 +95,12 @@ class CohortStore:
         if tuple(mask.shape) != tuple(grid.shape):
             raise ValueError(f"mask shape {mask.shape} does not match the grid {grid.shape}")
         chunks = tuple(min(int(c), int(n)) for c, n in zip(chunks, grid.shape, strict=True))
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        # built beside its final name and renamed into place: a process killed while creating leaves no
+        # half-made store that the next run would take for a real one
+        building = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        if building.exists():
+            shutil.rmtree(building)
+        group = zarr.open_group(str(building), mode="w", zarr_format=3)
         group.attrs.update({"schema_version": S.SCHEMA_VERSION, "grid": grid.to_attrs(),
                             "chunks": list(chunks), "created_by": "harmonize"})
         _create(group, S.MASK, grid.shape, grid.shape, "uint8", S.SPATIAL_DIMS, 0)[...] = (
@@ -110,6 +116,13 @@ class CohortStore:
         for name in S.STATUS_FIELDS:
             _create(group, name, (0,), (_STRING_CHUNK,), "int8", (S.SUBJECT,), S.PENDING,
                     _subject_attrs())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(building, path)  # atomic; replaces an empty folder of that name
+        except OSError as exc:
+            shutil.rmtree(building, ignore_errors=True)
+            raise StoreError(f"cannot create the store at {path}: {exc}. The folder exists and is not a cohort "
+                             "store; choose another path or move that folder away.") from exc
         return cls(path)
 
     # ---- per-subject metadata (coordinator only) --------------------------------------------

@@ -11,13 +11,14 @@ A saved model is a folder: weights (safetensors) + config.json (kind, params, le
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 
 from harmonize.models.combat import ComBatHarmonizer
+from harmonize.models.files import ModelFileError, load_weights, read_config
 from harmonize.models.invariant import InvariantHarmonizer
 from harmonize.models.voxel_combat import VoxelComBat
+
+__all__ = ["MODELS", "ModelFileError", "load_model", "load_weights", "model_checksum", "read_config"]
 
 # what `harmonize fit --model KIND` trains on a store's images
 MODELS = {InvariantHarmonizer.kind: InvariantHarmonizer, VoxelComBat.kind: VoxelComBat}
@@ -26,14 +27,7 @@ _LOADABLE = {**MODELS, ComBatHarmonizer.kind: ComBatHarmonizer}
 
 
 def _config(path: str | os.PathLike) -> dict:
-    config_path = Path(path) / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{path} is not a saved harmonize model (no config.json); "
-                                "fit one with `harmonize fit STORE`")
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path} is not valid JSON ({exc}); the model folder is corrupt") from exc
+    return read_config(path)
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu"):

@@ -930,16 +930,13 @@ class ComBatHarmonizer(HarmonizerBase):
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> ComBatHarmonizer:
         """Read a folder written by :meth:`save` (``device`` is accepted for the common model loader and
         ignored: ComBat runs on the CPU)."""
+        from harmonize.models.files import load_weights, read_config
+
         path = Path(path)
-        config_path = path / "config.json"
-        if not config_path.exists():
-            raise FileNotFoundError(f"{path} is not a saved ComBat model (no config.json)")
-        config = json.loads(config_path.read_text())
-        if config.get("kind") != MODEL_KIND:
-            raise ValueError(f"{path} holds a {config.get('kind')!r} model, not {MODEL_KIND!r}")
+        config = read_config(path, MODEL_KIND)
         model = cls(**config["params"])
         learned = config["learned"]
-        arrays = load_file(str(path / cls.WEIGHTS))
+        arrays = load_weights(path / cls.WEIGHTS, load_file)
         model.design_spec_ = DesignSpec.from_json(learned["design"])
         model.sites_ = list(model.design_spec_.sites)
         model.reference_site_ = learned["reference_site"]

@@ -574,10 +574,10 @@ class InvariantHarmonizer(HarmonizerBase):
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> InvariantHarmonizer:
+        from harmonize.models.files import load_weights, read_config
+
         path = Path(path)
-        config = json.loads((path / "config.json").read_text())
-        if config.get("kind") != MODEL_KIND:
-            raise ValueError(f"{path} holds a {config.get('kind')!r} model, not {MODEL_KIND!r}")
+        config = read_config(path, MODEL_KIND)
         model = cls(**config["params"])
         learned = config["learned"]
         model.sites_ = list(learned["sites"])
@@ -589,7 +589,7 @@ class InvariantHarmonizer(HarmonizerBase):
         if model.calibration_ is not None and model.calibration_.checksum_ != learned["calibration"]:
             raise ValueError(f"{path}: the calibration folder does not belong to this model (checksum mismatch)")
         module = PatchCVAE(len(model.sites_), model.latent_dim, model.channels, model.hidden)
-        module.load_state_dict(load_file(str(path / "weights.safetensors"), device="cpu"))
+        module.load_state_dict(load_weights(path / "weights.safetensors", load_file, device="cpu"))
         module.eval()
         model.model_ = module.to(select_device(device) if device == "auto" else torch.device(device))
         history = path / "history.json"

@@ -312,14 +312,14 @@ class VoxelComBat(HarmonizerBase):
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "cpu") -> VoxelComBat:
         """Read a folder written by :meth:`save` (`device` is accepted for the common loader; ComBat runs on CPU)."""
+        from harmonize.models.files import load_weights, read_config
+
         path = Path(path)
-        config = json.loads((path / "config.json").read_text())
-        if config.get("kind") != MODEL_KIND:
-            raise ValueError(f"{path} holds a {config.get('kind')!r} model, not {MODEL_KIND!r}")
+        config = read_config(path, MODEL_KIND)
         model = cls(**config["params"])
         learned = config["learned"]
         model.design_spec_ = DesignSpec.from_json(learned["design"])
-        model.grid_params_ = load_file(str(path / cls.WEIGHTS))
+        model.grid_params_ = load_weights(path / cls.WEIGHTS, load_file)
         model.sites_ = list(model.design_spec_.sites)
         model.reference_site_ = learned["reference_site"]
         model.site_counts_ = {str(k): int(v) for k, v in learned["site_counts"].items()}
