@@ -12,6 +12,7 @@ A rerun skips subjects already done and retries pending/rejected ones in place.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,6 @@ import numpy as np
 import pandas as pd
 from distributed import Client
 
-from harmonize.cluster import gather_with_progress
 from harmonize.io import bids
 from harmonize.io import schema as S
 from harmonize.io.nifti import InputRejected, check_header, native_grid, read_volume, sha256_file
@@ -147,18 +147,23 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
         grid_attrs = store.grid.to_attrs()
         args = [(str(c.path), grid_attrs, array_path, p, c.relpath) for c, p in todo]
         if client is None:
-            outcomes = [_ingest_one(*a) for a in args]
+            finished = ((k, _ingest_one(*a)) for k, a in enumerate(args))
         else:
             futures = [client.submit(_ingest_one, *a, pure=False, key=f"ingest-{c.subject}-{p}")
                        for a, (c, p) in zip(args, todo, strict=True)]
-            outcomes = gather_with_progress(client, futures, "ingest", show=progress)
-        done = [(c, p, o) for (c, p), o in zip(todo, outcomes, strict=True) if o["ok"]]
-        bad = [(c, p, o) for (c, p), o in zip(todo, outcomes, strict=True) if not o["ok"]]
-        store.set_field(S.SOURCE_SHA256, [p for _, p, _ in done], [o["sha256"] for *_, o in done])
-        store.set_field(S.INGEST_STATUS, [p for _, p, _ in done], [S.DONE] * len(done))
-        store.set_field(S.INGEST_STATUS, [p for _, p, _ in bad], [S.REJECTED] * len(bad))
-        result.ingested += [c.subject for c, _, _ in done]
-        result.rejected += [{"subject": c.subject, "path": c.relpath, "reason": o["reason"]} for c, _, o in bad]
+            finished = _as_finished(client, futures, progress)
+        # status after the data, in batches as subjects finish: a run killed mid-ingest keeps what it wrote
+        batch: list[tuple[int, dict]] = []
+        flushed, first_rejected = time.monotonic(), len(result.rejected)
+        for k, outcome in finished:
+            batch.append((k, outcome))
+            if len(batch) >= 64 or time.monotonic() - flushed > 10:
+                _record(store, todo, batch, result)
+                batch, flushed = [], time.monotonic()
+        _record(store, todo, batch, result)
+        order = {c.subject: k for k, (c, _) in enumerate(todo)}  # completion order -> the cohort's order
+        result.ingested.sort(key=order.get)
+        result.rejected[first_rejected:] = sorted(result.rejected[first_rejected:], key=lambda r: order[r["subject"]])
     if updates:  # metadata only, written by this (the coordinating) process
         store.set_field(S.AGE, [p for _, p in updates], [c.age for c, _ in updates])
         store.set_field(S.SEX, [p for _, p in updates], [c.sex for c, _ in updates])
@@ -170,6 +175,30 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
     table = store.table()
     result.incomplete = missing_covariates(table[table[S.INGEST_STATUS] == S.DONE], (S.AGE, S.SEX))
     return result
+
+
+def _as_finished(client: Client, futures: list, progress: bool):
+    """(index, outcome) as each ingest task finishes (they never raise for bad input)."""
+    import sys
+
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    index = {f.key: k for k, f in enumerate(futures)}
+    with tqdm(total=len(futures), desc="ingest", unit="subject", disable=not progress, file=sys.stderr) as bar:
+        for future in as_completed(futures):
+            bar.update(1)
+            yield index[future.key], future.result()
+
+
+def _record(store: CohortStore, todo: list, batch: list[tuple[int, dict]], result: IngestResult) -> None:
+    done = [(todo[k][0], todo[k][1], o) for k, o in batch if o["ok"]]
+    bad = [(todo[k][0], todo[k][1], o) for k, o in batch if not o["ok"]]
+    store.set_field(S.SOURCE_SHA256, [p for _, p, _ in done], [o["sha256"] for *_, o in done])
+    store.set_field(S.INGEST_STATUS, [p for _, p, _ in done], [S.DONE] * len(done))
+    store.set_field(S.INGEST_STATUS, [p for _, p, _ in bad], [S.REJECTED] * len(bad))
+    result.ingested += [c.subject for c, _, _ in done]
+    result.rejected += [{"subject": c.subject, "path": c.relpath, "reason": o["reason"]} for c, _, o in bad]
 
 
 def _covariates_changed(table: pd.DataFrame, pos: int, cand: bids.Candidate) -> bool:
