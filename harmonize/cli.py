@@ -123,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=3, help="random restarts, run as parallel Dask tasks")
     p.add_argument("--device", default="cpu", help="torch device for the fit: cpu (default) or cuda")
     p.add_argument("--permutations", type=int, default=999, help="site-label permutations of the audit")
+    p.add_argument("--max-iter", type=int, default=2000,
+                   help="L-BFGS iterations per annealing stage (raise it if CorEx warns that it did not converge)")
     p.add_argument("--seed", type=int, default=0)
     _add_cluster(p)
 
@@ -213,7 +215,7 @@ def _run(args) -> int:
             out = pipeline.corex(args.store, client, n_factors=args.factors, n_regions=args.regions,
                                  restarts=args.restarts, source=args.source, progress=show, features=args.features,
                                  downsample=args.downsample, device=args.device,
-                                 n_permutations=args.permutations, seed=args.seed)
+                                 n_permutations=args.permutations, seed=args.seed, max_iter=args.max_iter)
             spread = out["restarts"]
             print(f"corex: TC {out['tc']:.3f} over {out['n_features']} features ({out['features']}), "
                   f"{out['n_subjects']} subjects; per factor {[round(t, 3) for t in out['tcs']]}; "

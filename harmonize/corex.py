@@ -1005,7 +1005,8 @@ class LinearCorex:
         if not converged:
             warnings.warn(
                 f"LinearCorex did not reach tol={self.tol:g} within max_iter={self.max_iter} iterations "
-                "in the final annealing stage; raise max_iter or tol",
+                "in the final annealing stage; raise max_iter (`harmonize corex --max-iter`, or max_iter under "
+                "corex: in a pipeline spec) or tol",
                 CorexConvergenceWarning,
                 stacklevel=3,  # the caller of fit()
             )

@@ -219,7 +219,8 @@ def export(store_path: str | os.PathLike, out_dir: str | os.PathLike, client: Cl
 # ---- corex ------------------------------------------------------------------------------------
 def corex(store_path: str | os.PathLike, client: Client, n_factors: int = 4, n_regions: int = 48,
           restarts: int = 3, source: str = S.HARMONIZED, progress: bool = True, *, features: str = "regions",
-          downsample: int = 3, device: str = "cpu", n_permutations: int = 999, seed: int = 0) -> dict:
+          downsample: int = 3, device: str = "cpu", n_permutations: int = 999, seed: int = 0,
+          max_iter: int = 2000) -> dict:
     """Linear CorEx factors of `source` (harmonized by default) + a site-leakage audit; results in the store.
 
     Features (see harmonize.features): ``"regions"`` (mean intensity per region of the store's parcellation,
@@ -266,7 +267,7 @@ def corex(store_path: str | os.PathLike, client: Client, n_factors: int = 4, n_r
     fitted = inputs[names[source]]
     resources = gpu_resources(client) if str(device).startswith("cuda") else None
     result = fit_restarts(fitted.values, n_factors, seeds=range(seed, seed + restarts), client=client,
-                          resources=resources, device=device)
+                          resources=resources, device=device, max_iter=max_iter)
     model = result.best
     table = store.table()
     covariates = {k: table[k].to_numpy()[positions] for k in (S.SITE, S.AGE, S.SEX)}

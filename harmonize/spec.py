@@ -16,7 +16,7 @@ found and what is allowed. Relative paths are taken from the spec file's folder 
         reference_site: site to harmonize to
         params: {steps: 1500, lam: ..., seed: ...}   the model's parameters
     export:  {dir: folder, outputs: [harmonized, ...]}  NIfTI files of new results      optional
-    corex:   {factors: 4, restarts: 3, source: harmonized} or false                      default false
+    corex:   {factors: 4, restarts: 3, source: harmonized, max_iter: 2000} or false       default false
     report:  true | false | {groundtruth: folder}                                       default true
 """
 
@@ -39,7 +39,7 @@ MODEL_KINDS = ("invariant", "combat")
 _TOP = ("input", "store", "cluster", "chunks", "models", "export", "corex", "report")
 _MODEL_KEYS = ("kind", "output", "fit", "model_dir", "reference_site", "params")
 _EXPORT_KEYS = ("dir", "outputs")
-_COREX_KEYS = ("factors", "restarts", "source", "features", "regions", "permutations", "seed")
+_COREX_KEYS = ("factors", "restarts", "source", "features", "regions", "permutations", "seed", "max_iter")
 _REPORT_KEYS = ("groundtruth",)
 
 
