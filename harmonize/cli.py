@@ -128,6 +128,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_cluster(p)
 
+    p = sub.add_parser("evaluate", help="held-out evaluation on simulated traveling-subject cohorts: raw, ComBat, "
+                                        "invariant (lam = 0 and chosen), ground truth",
+                       description="For each seed: simulate a cohort, split its subjects into train and test "
+                                   "(stratified by site), fit ComBat and the invariant model with lam = 0 and with "
+                                   "--lam on the train subjects only, and score the test subjects: site "
+                                   "predictability, age R², sex effect, PSNR against the ground truth, seams, and "
+                                   "site classifiers on the model's latent z. Writes OUT/seed-<s>/evaluate.{json,md} "
+                                   "and figures; prints the tables and the targets.")
+    p.add_argument("--out", default="harmonize-evaluate", help="folder for the results (and the work files)")
+    p.add_argument("--seeds", default="0", help="comma-separated cohort/model seeds (default 0)")
+    p.add_argument("--resolution", type=float, default=4.0, help="mm (default 4)")
+    p.add_argument("--subjects-per-site", type=int, default=20, help="half train, half test (default 20)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the model's)")
+    p.add_argument("--lam", type=float, default=None, help="information-penalty weight of the chosen model "
+                                                           "(default: the model's)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+
     p = sub.add_parser("report", help="report.json + report.html: site leakage, age R², fidelity, CorEx")
     p.add_argument("store")
     p.add_argument("--groundtruth", default=None, help="folder of ground-truth images (simulated cohorts)")
@@ -176,6 +193,8 @@ def _run(args) -> int:
         out = simulate_cohort(args.out_dir, spec, progress=show)
         print(f"cohort: {out['bids_dir']}\nground truth (not for the pipeline): {out['groundtruth_dir']}")
         return EXIT_OK
+    if args.command == "evaluate":
+        return _evaluate(args, show)
     if args.command == "report":
         from harmonize.report import make_report
 
@@ -230,6 +249,36 @@ def _run(args) -> int:
                 print(f"corex: factor(s) {out['flagged']} still track site after harmonization (see the report)")
             return EXIT_OK
     raise AssertionError(args.command)
+
+
+def _evaluate(args, show: bool) -> int:
+    from harmonize import evaluate
+    from harmonize.io.store import dump_json
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if not seeds:
+            raise ValueError
+    except ValueError:
+        print(f"harmonize evaluate: error: --seeds takes comma-separated integers, got {args.seeds!r}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    log = (lambda m: print(f"harmonize evaluate: {m}", file=sys.stderr)) if show else None
+    results = []
+    for seed in seeds:
+        out = Path(args.out) / f"seed-{seed}"
+        results.append(evaluate.evaluate(out, seed=seed, resolution_mm=args.resolution,
+                                         subjects_per_site=args.subjects_per_site, steps=args.steps, lam=args.lam,
+                                         log=log))
+        print(evaluate.markdown(results[-1]))
+        print(f"results: {out / 'evaluate.md'}\n")
+    if len(results) > 1:
+        summary = evaluate.summarize(results)
+        dump_json(Path(args.out) / "summary.json", summary)
+        (Path(args.out) / "summary.md").write_text(evaluate.summary_markdown(summary) + "\n")
+        print(f"over {len(results)} seeds (mean ± sd):\n")
+        print(evaluate.summary_markdown(summary))
+    return EXIT_OK
 
 
 def _run_spec(args, show: bool) -> int:

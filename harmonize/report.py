@@ -95,8 +95,8 @@ def make_report(store_path: str | os.PathLike, groundtruth_dir: str | os.PathLik
             entry["fidelity"] = {"psnr_mean": float(np.mean([f["psnr"] for f in fid])),
                                  "corr_mean": float(np.mean([f["corr"] for f in fid]))}
         numbers["images"][name] = entry
-    figures = {"slices": _slice_figure(images, sites, mask, out / "slices.png"),
-               "intensities": _intensity_figure(images, sites, mask, out / "intensities.png")}
+    figures = {"slices": slice_figure(images, sites, mask, out / "slices.png"),
+               "intensities": intensity_figure(images, sites, mask, out / "intensities.png")}
     if S.COREX_SCORES in store.group and S.COREX_TCS in store.group:
         numbers["corex"] = _corex_numbers(store, positions, sites, age)
         figures["corex"] = _corex_figure(store, positions, sites, numbers["corex"], out / "corex.png")
@@ -105,7 +105,7 @@ def make_report(store_path: str | os.PathLike, groundtruth_dir: str | os.PathLik
     return out
 
 
-def _slice_figure(images: dict, sites: np.ndarray, mask: np.ndarray, path: Path) -> str:
+def slice_figure(images: dict, sites: np.ndarray, mask: np.ndarray, path: Path) -> str:
     site_names = sorted(set(sites.tolist()))
     first = [int(np.flatnonzero(sites == s)[0]) for s in site_names]
     z = int(np.argmax(mask.sum(axis=(0, 1))))
@@ -123,7 +123,7 @@ def _slice_figure(images: dict, sites: np.ndarray, mask: np.ndarray, path: Path)
     return path.name
 
 
-def _intensity_figure(images: dict, sites: np.ndarray, mask: np.ndarray, path: Path) -> str:
+def intensity_figure(images: dict, sites: np.ndarray, mask: np.ndarray, path: Path) -> str:
     site_names = sorted(set(sites.tolist()))
     fig, axes = plt.subplots(1, len(images), figsize=(4.2 * len(images), 3.2), squeeze=False)
     for c, (name, vols) in enumerate(images.items()):

@@ -530,6 +530,35 @@ class InvariantHarmonizer(HarmonizerBase):
         context = self.subject_context(site, covariates, volume=volume, mask=mask)
         return self._whole_volume(volume, context, mask, reference_site)
 
+    @torch.no_grad()
+    def encode(self, volume: np.ndarray, site: str, mask: np.ndarray, voxels: np.ndarray | None = None,
+               ) -> np.ndarray:
+        """Posterior means of z for voxels of one whole volume: (n, latent_dim) float32.
+
+        Each row is the mean of q(z | 7^3 neighbourhood, site, position) at one voxel, computed exactly as
+        :meth:`harmonize_block` computes it (same intensity scale, zeros beyond the grid). `voxels` is a
+        boolean (x, y, z) array of the voxels wanted (default: `mask`); rows follow its C order. For
+        audits of how much site information z carries (:mod:`harmonize.evaluate`); nothing is decoded.
+        """
+        self._require_fitted()
+        mask = np.asarray(mask, dtype=bool)
+        wanted = mask if voxels is None else np.asarray(voxels, dtype=bool)
+        if wanted.shape != tuple(np.shape(volume)):
+            raise ValueError(f"voxels {wanted.shape} and volume {np.shape(volume)} differ in shape")
+        module = self.model_
+        device = next(module.parameters()).device
+        scale = np.float32(white_matter_peak(volume, mask))
+        padded = np.pad(np.asarray(volume, dtype=np.float32), RECEPTIVE_RADIUS) / scale
+        x = torch.from_numpy(np.ascontiguousarray(padded))[None, None].to(device)
+        inside = torch.from_numpy(wanted).to(device)
+        features = module.trunk(x)[0].permute(1, 2, 3, 0)[inside]
+        location = tuple(slice(0, n) for n in wanted.shape)
+        coords = torch.from_numpy(coordinate_features(location, self.grid_shape_)).to(device)
+        coords = coords.permute(1, 2, 3, 0)[inside]
+        onehot = torch.nn.functional.one_hot(torch.tensor([self.site_code(site)]), len(self.sites_)).float()
+        mu, _ = module.posterior(features, onehot.to(device), coords, self._logvar_range)
+        return mu.cpu().numpy().astype(np.float32)
+
     def transform(self, dataset: xr.Dataset, reference_site: str | None = None) -> xr.Dataset:
         """Return the dataset with a `harmonized` variable (eager; use harmonize.apply for stores)."""
         self._require_fitted()
