@@ -1,30 +1,38 @@
-"""The graph layer: map a fitted harmonizer over a store's chunks with Dask and write the result back.
+"""The graph layer: map a fitted harmonizer over a store's subjects with Dask and write the result back.
 
-Per subject: `images[i]` (chunks of the store) -> overlap by the model's halo (zeros beyond the grid)
--> one task per chunk runs the model on chunk + halo and returns the chunk -> written to the same
-chunk of `harmonized[i]`. Every write covers exactly one Zarr chunk, so concurrent writers never
-share a chunk and a rerun (or a task the scheduler re-runs after a worker died) rewrites the same
-bytes. The model is loaded once per worker process (cached by its checksum), never shipped inside
-the graph. `harmonized_status` is set only after a subject's writes have all finished.
+One task per subject: read `images[i]` from the store, compute the subject's context (its intensity
+reference), run the model over the store's chunks of that volume with a halo of `halo` voxels from
+the neighbouring chunks (zeros beyond the grid), multiply by the mask and write `<output>[i]`. Each
+subject's slab is whole Zarr chunks of its own, so concurrent writers never share a chunk and a rerun
+(or a task the scheduler re-runs after a worker died) rewrites the same bytes. The model is loaded
+once per worker process (cached by its checksum), never shipped inside the graph. At most a few tasks
+per worker thread are in flight, so the scheduler never holds a whole cohort's tasks and memory stays
+flat as cohorts grow. `<output>_status` is set per subject only after its write has finished.
+
+Why a task per subject and not a task per chunk (measured in benchmarks/results/pipeline.md): the
+per-chunk overlap graph had ~350 tasks per subject at 2 mm, its slicing/concatenation copies and the
+scheduler's bookkeeping cost 40 % of the throughput of a plain loop, and its memory grew with the
+cohort (2.8x from 20 to 320 subjects); a task per subject runs the same per-chunk arithmetic.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
-import zarr
 from distributed import Client
 
-from harmonize.cluster import gpu_resources
+from harmonize.cluster import gpu_resources, total_threads
 from harmonize.io import schema as S
-from harmonize.io.store import CohortStore, missing_covariates, read_volume
+from harmonize.io.store import CohortStore, missing_covariates, read_volume, write_volume
 from harmonize.models import load_model, model_checksum
 from harmonize.models.voxel_combat import covariate_frame
+
+IN_FLIGHT_PER_THREAD = 4  # enough queued work that no worker idles between tasks, few enough to stay flat
 
 _CACHE: dict[str, object] = {}
 _CACHE_LOCK = threading.Lock()
@@ -50,47 +58,38 @@ def load_count() -> int:
     return LOADS["count"]
 
 
-def _subject_context(model_dir: str, checksum: str, images_path: str, position: int, mask: np.ndarray,
-                     site: str, covariates: dict) -> dict:
-    """Worker task for models whose per-subject context reads the whole volume (an intensity reference)."""
-    model = cached_model(model_dir, checksum)
-    return model.subject_context(site, covariates, read_volume(images_path, position), mask)
+def harmonize_chunked(model, volume: np.ndarray, context: dict, mask: np.ndarray, chunks: tuple[int, ...],
+                      reference_site: str | None = None) -> np.ndarray:
+    """`model.harmonize_block` over `chunks`-sized blocks of one in-memory volume, each with its halo, x mask.
 
-
-def _harmonize_chunk(block: np.ndarray, model_dir: str, checksum: str, context: dict,
-                     reference_site: str | None, halo: int, block_info=None) -> np.ndarray:
-    model = cached_model(model_dir, checksum)
-    location = block_info[None]["array-location"][1:]
-    spatial = tuple(slice(a, b) for a, b in location)
-    out = model.harmonize_block(block[0], context, spatial, reference_site)
-    return out[None]
-
-
-def harmonized_graph(images: da.Array, mask: da.Array, model_dir: str, checksum: str, halo: int,
-                     context: dict, reference_site: str | None) -> da.Array:
-    """Lazy harmonized volume (1, x, y, z) for one subject's `images[i:i+1]` (chunked like the store)."""
-    images = images.rechunk(_merge_small_chunks(images.chunks, halo))
-    depth = {0: 0, 1: halo, 2: halo, 3: halo}
-    boundary = {0: "none", 1: 0.0, 2: 0.0, 3: 0.0}
-    padded = da.overlap.overlap(images, depth=depth, boundary=boundary) if halo else images
-    out = padded.map_blocks(_harmonize_chunk, model_dir, checksum, context, reference_site, halo,
-                            chunks=images.chunks, dtype=np.float32, meta=np.empty((0, 0, 0, 0), np.float32))
-    return out * mask.rechunk(images.chunks[1:])[None].astype(np.float32)
-
-
-def _merge_small_chunks(chunks: tuple[tuple[int, ...], ...], halo: int) -> tuple[tuple[int, ...], ...]:
-    """Merge a trailing chunk thinner than the halo into its neighbour.
-
-    dask's overlap would otherwise rechunk on its own and the output blocks would no longer line
-    up with the store's chunks; merging whole chunks keeps every write aligned to Zarr chunks.
+    Equal (to float rounding) to the model on the whole volume at once: the halo covers the model's
+    receptive field, so no seams at chunk borders. Chunk-sized blocks bound the model's working memory
+    whatever the grid, and match the store's chunks so a block's reads never straddle them.
     """
-    out = []
-    for axis in chunks:
-        axis = list(axis)
-        while len(axis) > 1 and axis[-1] < halo:
-            axis[-2:] = [axis[-2] + axis[-1]]
-        out.append(tuple(axis))
-    return tuple(out)
+    halo = int(model.halo)
+    volume = np.asarray(volume, dtype=np.float32)
+    padded = np.pad(volume, halo) if halo else volume
+    out = np.empty_like(volume)
+    starts = [range(0, n, c) for n, c in zip(volume.shape, chunks, strict=True)]
+    for corner in itertools.product(*starts):
+        location = tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, chunks, volume.shape, strict=True))
+        block = padded[tuple(slice(s.start, s.stop + 2 * halo) for s in location)]
+        out[location] = model.harmonize_block(block, context, location, reference_site)
+    out *= mask
+    return out
+
+
+def harmonize_subject(images_path: str, output_path: str, position: int, model_dir: str, checksum: str,
+                      mask: np.ndarray, site: str, covariates: dict, context: dict | None,
+                      chunks: tuple[int, ...], reference_site: str | None) -> int:
+    """Worker task: harmonize subject `position` of the store and write it to `output_path[position]`."""
+    model = cached_model(model_dir, checksum)
+    volume = read_volume(images_path, position)
+    if context is None:  # the model's context needs the volume (an intensity reference): read it here, once
+        context = model.subject_context(site, covariates, volume, mask)
+    harmonized = harmonize_chunked(model, volume, context, mask, chunks, reference_site)
+    write_volume(output_path, position, harmonized)
+    return position
 
 
 @dataclass
@@ -169,46 +168,27 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
     resources = gpu_resources(client) if model.uses_gpu else None
     sites = [str(table[S.SITE].iat[i]) for i in todo]
     covariates = covariate_frame(table.iloc[todo], [S.AGE, S.SEX]).to_dict("records")
-    if model.needs_volume_context:
-        mask_future = client.scatter(mask, broadcast=True, hash=False)  # a fresh key: no race with a release
-        context_futures = [client.submit(_subject_context, model_dir, checksum, images_path, int(i), mask_future,
-                                          site, cov, pure=False, resources=resources)
-                           for i, site, cov in zip(todo, sites, covariates, strict=True)]
-        index_of = {f.key: k for k, f in enumerate(context_futures)}
-        contexts = [None] * len(todo)
-        for future, error in _as_finished(context_futures, "subject context", progress):
-            k = index_of[future.key]
-            if error is None:
-                contexts[k] = future.result()
-            else:  # this subject's images cannot be read: record it, the others go on
-                i = int(todo[k])
-                store.set_field(status, [i], [S.REJECTED])
-                result.failed.append({"subject": str(table[S.SUBJECT].iat[i]),
-                                      "reason": f"{type(error).__name__}: {error}"})
-        keep = [k for k, c in enumerate(contexts) if c is not None]
-        todo, contexts = todo[keep], [contexts[k] for k in keep]
-    else:  # from the covariate table alone: errors (a missing covariate) name the subject here
-        contexts = []
-        for i, site, cov in zip(todo, sites, covariates, strict=True):
+    contexts: list[dict | None] = [None] * len(todo)
+    if not model.needs_volume_context:  # from the covariate table alone: errors (a missing covariate) name the subject
+        for k, (i, site, cov) in enumerate(zip(todo, sites, covariates, strict=True)):
             try:
-                contexts.append(model.subject_context(site, cov))
+                contexts[k] = model.subject_context(site, cov)
             except ValueError as exc:
                 raise ValueError(f"sub-{table[S.SUBJECT].iat[i]}: {exc}") from exc
-    images = da.from_zarr(zarr.open_array(images_path, mode="r"))
-    mask_da = da.from_array(mask, chunks=store.chunks)
-    target = zarr.open_array(store.array_path(output), mode="r+")
-    halo = int(model.halo)
-    futures = []
-    for i, context in zip(todo, contexts, strict=True):
-        lazy = harmonized_graph(images[i:i + 1], mask_da, model_dir, checksum, halo, context, reference)
-        region = (slice(int(i), int(i) + 1),) + (slice(None),) * 3
-        write = da.store(lazy, target, regions=region, lock=False, compute=False)
-        # resources on compute(): dask.annotate is dropped by graph optimization (dask#7036)
-        futures.append(client.compute(write, resources=resources))
-    subject_of = {f.key: int(i) for f, i in zip(futures, todo, strict=True)}
-    for future, error in _as_finished(futures, "apply", progress):
+    mask_future = client.scatter(mask, broadcast=True, hash=False)  # a fresh key: no race with a release
+    output_path = store.array_path(output)
+    chunks = tuple(int(c) for c in store.chunks)
+
+    def submit(k: int):
+        i = int(todo[k])
+        return client.submit(harmonize_subject, images_path, output_path, i, model_dir, checksum, mask_future,
+                             sites[k], covariates[k], contexts[k], chunks, reference, pure=False,
+                             resources=resources)
+
+    window = IN_FLIGHT_PER_THREAD * max(1, total_threads(client))
+    for k, error in _bounded(submit, len(todo), window, "apply", progress):
         # status after the data, per subject as it finishes: a run killed now keeps what it finished
-        i = subject_of[future.key]
+        i = int(todo[k])
         subject = str(table[S.SUBJECT].iat[i])
         if error is None:
             store.set_field(status, [i], [S.DONE])
@@ -221,21 +201,35 @@ def apply_model(store_path: str | os.PathLike, model_dir: str | os.PathLike, cli
     return result
 
 
-def _as_finished(futures: list, desc: str, progress: bool):
-    """(future, None) or (future, exception) as each finishes, with a progress bar."""
+def _bounded(submit, n: int, window: int, desc: str, progress: bool):
+    """(k, None) or (k, exception) for tasks 0..n-1 as each finishes, at most `window` in flight, with a
+    progress bar. `submit(k)` returns the future of task k."""
     import sys
 
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    with tqdm(total=len(futures), desc=desc, unit="subject", disable=not progress, file=sys.stderr) as bar:
-        for future in as_completed(futures):
+    pending = iter(range(n))
+    index_of: dict[str, int] = {}
+
+    def start(k: int):
+        future = submit(k)
+        index_of[future.key] = k
+        return future
+
+    running = as_completed([start(k) for k in itertools.islice(pending, window)])
+    with tqdm(total=n, desc=desc, unit="subject", disable=not progress, file=sys.stderr) as bar:
+        for future in running:
             bar.update(1)
+            following = next(pending, None)
+            if following is not None:
+                running.add(start(following))
             if future.status == "finished":
-                yield future, None
+                yield index_of[future.key], None
             else:
                 try:
                     error = future.exception()
                 except Exception as exc:  # noqa: BLE001 - cancelled futures raise instead of returning
                     error = exc
-                yield future, error
+                yield index_of[future.key], error
+            future.release()

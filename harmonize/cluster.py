@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import dask
 import yaml
 from distributed import Client, LocalCluster, WorkerPlugin
 
@@ -505,6 +506,34 @@ def kubernetes_cluster(spec: Mapping):
                        shutdown_on_close=True)
 
 
+_NANNY_MALLOC_KEY = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+_NANNY_MALLOC_DEFAULT = 65536
+
+
+@contextlib.contextmanager
+def _glibc_malloc_defaults():
+    """Start workers with glibc's own malloc tuning instead of the nanny's MALLOC_TRIM_THRESHOLD_=65536.
+
+    Setting that variable also freezes glibc's mmap threshold at 128 KiB, so every torch activation
+    buffer of a chunk (~20 MiB) is a fresh mmap, zero-filled page by page: apply spent as much system
+    time as compute (benchmarks/results/pipeline.md: 0.60x a plain loop with it, 1.30x without). Only
+    the distributed default is lifted; a value a user configured or exported is kept.
+    """
+    configured = dask.config.get(_NANNY_MALLOC_KEY, None)
+    if configured is None or int(configured) != _NANNY_MALLOC_DEFAULT:
+        yield
+        return
+    # a nanny of an earlier cluster in this process copied the default into os.environ, where it would win
+    inherited = os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    if inherited == str(_NANNY_MALLOC_DEFAULT):
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
+    elif inherited is not None:
+        yield
+        return
+    with dask.config.set({_NANNY_MALLOC_KEY: None}):
+        yield
+
+
 # ---- the client ----------------------------------------------------------------------------------
 def _local_cluster(data: Mapping) -> tuple[LocalCluster, int]:
     """A LocalCluster and how many workers it will have.
@@ -524,19 +553,22 @@ def _local_cluster(data: Mapping) -> tuple[LocalCluster, int]:
     if devices and not data["processes"]:
         raise SpecError("cluster spec (local): cuda_devices needs processes: true (each GPU worker is a process "
                         "that sees only its device)")
-    cluster = LocalCluster(
-        n_workers=int(n_cpu), threads_per_worker=int(data["threads_per_worker"]), memory_limit=data["memory_limit"],
-        processes=bool(data["processes"]), host=host, dashboard_address=data["dashboard_address"] or f"{host}:0",
-        resources=data.get("resources"), security=security,
-        # explicit tcp: without it, processes: false picks inproc://, which cannot bind 127.0.0.1
-        protocol="tls://" if security is not None else "tcp://")
-    if devices:
-        template = next(iter(cluster.new_worker_spec().values()))
-        for device in devices:
-            options = {**template["options"], "resources": {**(data.get("resources") or {}), GPU: 1},
-                       "env": {"CUDA_VISIBLE_DEVICES": device}}
-            cluster.worker_spec[f"gpu-{device}"] = {**template, "options": options}
-        cluster.scale(len(cluster.worker_spec))  # starts the workers added to the spec
+    with _glibc_malloc_defaults():
+        cluster = LocalCluster(
+            n_workers=int(n_cpu), threads_per_worker=int(data["threads_per_worker"]),
+            memory_limit=data["memory_limit"],
+            processes=bool(data["processes"]), host=host, dashboard_address=data["dashboard_address"] or f"{host}:0",
+            resources=data.get("resources"), security=security,
+            # explicit tcp: without it, processes: false picks inproc://, which cannot bind 127.0.0.1
+            protocol="tls://" if security is not None else "tcp://")
+        if devices:  # inside: workers added later would take the nanny's malloc setting
+            template = next(iter(cluster.new_worker_spec().values()))
+            for device in devices:
+                options = {**template["options"], "resources": {**(data.get("resources") or {}), GPU: 1},
+                           "env": {"CUDA_VISIBLE_DEVICES": device}}
+                cluster.worker_spec[f"gpu-{device}"] = {**template, "options": options}
+            cluster.scale(len(cluster.worker_spec))  # starts the workers added to the spec
+            cluster.wait_for_workers(len(cluster.worker_spec), timeout=120)  # their nannies read the config now
     return cluster, int(n_cpu) + len(devices)
 
 

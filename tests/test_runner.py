@@ -174,7 +174,7 @@ def test_run_record_and_performance_report(clean_run):
 
 # ---- faults ----------------------------------------------------------------------------------------
 def _slow_tasks():
-    """A worker plugin that makes every chunk write 100 ms slower, so that a kill lands in the middle of apply.
+    """A worker plugin that makes every subject's apply task 0.7 s slower, so that a kill lands in the middle of apply.
 
     Defined inside a function so that it travels to the workers by value (they cannot import tests/)."""
     from distributed.diagnostics.plugin import WorkerPlugin
@@ -185,8 +185,8 @@ def _slow_tasks():
         def transition(self, key, start, finish, **kwargs):
             from dask.utils import key_split
 
-            if finish == "memory" and key_split(key) == "store-map":  # the tasks that write the chunks
-                time.sleep(0.1)
+            if finish == "memory" and key_split(key) == "harmonize_subject":  # one per subject, after its write
+                time.sleep(0.7)
 
     return SlowTasks()
 
