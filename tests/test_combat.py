@@ -226,6 +226,26 @@ def test_chunked_fit_equals_unchunked(seeded, options):
     assert np.abs(out_whole - out_chunked).max() <= TOL
 
 
+def test_transform_chunk_size_and_in_place_do_not_change_the_result(seeded):
+    X, covars = seeded
+    opts = {"covariates": ["age", "sex"], "categorical": ["sex"]}
+    reference = ComBatHarmonizer(**opts, chunk_size=X.shape[1]).fit(X, covars["SITE"], covars)
+    expected = reference.transform(X, covars["SITE"], covars)
+    for chunk in (1, 37, 4096):
+        model = ComBatHarmonizer(**opts, chunk_size=chunk).fit(X, covars["SITE"], covars)
+        assert np.abs(model.transform(X, covars["SITE"], covars) - expected).max() <= TOL, chunk
+    before = X.copy()
+    out = ComBatHarmonizer(**opts).fit(X, covars["SITE"], covars).transform(X, covars["SITE"], covars)
+    np.testing.assert_array_equal(X, before)  # copy=True (the default) leaves the caller's array alone
+    assert out is not X
+    in_place = ComBatHarmonizer(**opts, copy=False).fit(X.copy(), covars["SITE"], covars)
+    mine = X.copy()
+    got = in_place.transform(mine, covars["SITE"], covars)
+    assert got is mine and np.abs(mine - expected).max() <= TOL
+    floats32 = X.astype(np.float32)  # not float64: copied anyway, as in scikit-learn
+    assert in_place.transform(floats32, covars["SITE"], covars) is not floats32
+
+
 def test_chunk_pipeline_by_hand(seeded):
     """The protocol a Dask layer runs: statistics per chunk, one merge, EB pass 1 (own convergence), the
     global iteration count, EB pass 2 with it. The chunks' own counts differ, so pass 2 matters."""

@@ -39,6 +39,27 @@ def test_store_schema_opens_with_xarray(small_store, small_cohort):
     assert 0.1 < mask.mean() < 0.6  # a brain mask, not all or nothing
 
 
+def test_mask_counted_during_ingest_equals_a_pass_over_the_store(small_store, small_cohort, tmp_path, client):
+    from harmonize.ingest import _write_mask
+
+    counted = CohortStore(small_store).mask()  # made from the voxel counts the ingest tasks returned
+    store = CohortStore(small_store)
+    assert store.group.attrs[S.MASK_FROM] == {"threshold": 0.5, "n_subjects": 12}
+    images = np.stack([store.group[S.IMAGES][i] for i in range(12)])
+    np.testing.assert_array_equal(counted, (images > 0).mean(axis=0) >= 0.5)
+    # a run killed after writing subjects but before the mask: the next run makes it from the store
+    store_path = tmp_path / "s.zarr"
+    bids = Path(small_cohort["bids_dir"])
+    ingest(bids, store_path, client, progress=False)
+    again = CohortStore(store_path)
+    del again.group.attrs[S.MASK_FROM]
+    again.group[S.MASK][...] = 0
+    ingest(bids, store_path, client, progress=False)
+    np.testing.assert_array_equal(CohortStore(store_path).mask(), counted)
+    _write_mask(again, 0.5)
+    np.testing.assert_array_equal(CohortStore(store_path).mask(), counted)
+
+
 def _break_inputs(bids):
     subs = sorted(p.name.removeprefix("sub-") for p in bids.glob("sub-*"))
     reasons = {}
