@@ -66,7 +66,7 @@ FULL = {"resolution": 2.0, "per_site": 5, "ingest_n": 80, "sizes": [20, 40, 80, 
 QUICK = {"resolution": 3.0, "per_site": 2, "ingest_n": 16, "sizes": [8, 16, 32], "reps": 1,
          "train_steps": 15, "profile_subjects": 1, "kernel_subjects": 2, "variants": False}
 TARGETS = {"apply_1w_vs_plain": 0.9, "apply_2w_vs_1w": 1.7, "ingest_1w_vs_plain": 0.8, "ingest_2w_vs_1w": 1.6,
-           "peak_rss_growth": 1.2}
+           "peak_rss_growth": 1.2, "machine_2_processes_vs_1": 1.7}
 
 
 # ====================================================================================================
@@ -877,6 +877,30 @@ def run_job(name: str, args: dict, tmp: Path, label: str, env: dict | None = Non
     return res
 
 
+def run_jobs_together(name: str, args: dict, copies: int, tmp: Path, label: str, timeout: float = 3600) -> dict:
+    """`copies` identical jobs started at once, one process each: the machine's own parallel ceiling for
+    that work (no Dask involved). Throughput = all their voxels / the slowest one's wall time."""
+    print(f"bench_pipeline: {label:<34}", end="", flush=True, file=sys.stderr)
+    outs = [tmp / f"job-{label}-{k}.json" for k in range(copies)]
+    procs = [subprocess.Popen([sys.executable, __file__, "--job", name, "--args", json.dumps(args), "--job-out",
+                               str(out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for out in outs]
+    for proc in procs:
+        _, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            print(" FAILED\n" + err[-2000:], file=sys.stderr)
+            return {"error": err.splitlines()[-15:], "label": label}
+    parts = [json.loads(out.read_text()) for out in outs]
+    wall = max(r["wall_s"] for r in parts)
+    res = {"label": label, "copies": copies, "wall_s": wall, "voxels": sum(r["voxels"] for r in parts),
+           "cpu": {k: sum(r["cpu"].get(k, 0) for r in parts) for k in ("user_s", "sys_s") if k in parts[0]["cpu"]},
+           "load_before": parts[0]["load_before"], "load_after": parts[-1]["load_after"], "parts": parts}
+    res["voxels_per_s"] = res["voxels"] / wall
+    print(f" {wall:.1f} s, {res['voxels_per_s'] / 1e6:.2f} Mvox/s ({copies} processes, load {_load()[:1]})",
+          file=sys.stderr)
+    return res
+
+
 def _best(runs: list[dict]) -> dict | None:
     ok = [r for r in runs if "voxels_per_s" in r]
     return max(ok, key=lambda r: r["voxels_per_s"]) if ok else None
@@ -1016,7 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
     if "apply" in args.parts:
         ref = str(work / "plain_apply.npy")
         runs: dict[str, list] = {k: [] for k in ("plain", "plain_chunked", "lib1", "lib2", "lib1_glibc",
-                                                 "lib2_glibc", "subj1_glibc", "subj2_glibc")}
+                                                 "lib2_glibc", "subj1_glibc", "subj2_glibc", "plain_chunked_x2")}
         for rep in range(reps):
             runs["plain"].append(run_job("apply_plain", {"store": store, "model": model,
                                                          "save": ref if rep == 0 else None}, jobs_dir,
@@ -1025,9 +1049,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs[f"lib{w}"].append(run_job("apply_dask", {
                     "store": store, "model": model, "workers": w, "malloc": "dask", "mode": "library",
                     "output": f"harmonized_lib{w}", "reference": ref}, jobs_dir, f"apply library {w}w r{rep}"))
-            if rep == 0 and cfg["variants"]:
+            if rep == 0:  # the machine's ceiling for two processes of the same arithmetic as the apply tasks
                 runs["plain_chunked"].append(run_job("apply_plain", {"store": store, "model": model, "chunked": True},
                                                      jobs_dir, "apply plain loop, 64^3 chunks"))
+                runs["plain_chunked_x2"].append(run_jobs_together(
+                    "apply_plain", {"store": store, "model": model, "chunked": True}, 2, jobs_dir,
+                    "apply 2 plain loops at once, 64^3 chunks"))
+            if rep == 0 and cfg["variants"]:
                 for w in (1, 2):
                     runs[f"lib{w}_glibc"].append(run_job("apply_dask", {
                         "store": store, "model": model, "workers": w, "malloc": "glibc", "mode": "library",
@@ -1046,6 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
             "apply_1w_vs_plain_subject_tasks": _ratio(runs["subj1_glibc"], runs["plain"]),
             "apply_2w_vs_1w_subject_tasks": _ratio(runs["subj2_glibc"], runs["subj1_glibc"]),
             "apply_1w_vs_chunked_plain_subject_tasks": _ratio(runs["subj1_glibc"], runs["plain_chunked"]),
+            "apply_1w_vs_chunked_plain": _ratio(runs["lib1"], runs["plain_chunked"]),
+            "machine_2_processes_vs_1": _ratio(runs["plain_chunked_x2"], runs["plain_chunked"]),
         }, "cpu_ratios": {
             "apply_1w_vs_plain": _cpu_ratio(runs["lib1"], runs["plain"]),
             "apply_1w_vs_plain_glibc_malloc": _cpu_ratio(runs["lib1_glibc"], runs["plain"]),
@@ -1252,6 +1282,9 @@ def render_markdown(res: dict) -> str:
              "ingest_2w_vs_1w_glibc_malloc": "ingest: 2 / 1 workers, glibc malloc",
              "apply_1w_vs_chunked_plain_subject_tasks": "apply: 1 worker, one task per subject + fix 1 / plain loop "
                                                         "over the same 64³ chunks",
+             "apply_1w_vs_chunked_plain": "apply: Dask 1 worker / plain loop over the same 64³ chunks",
+             "machine_2_processes_vs_1": "control, no Dask: 2 plain loops at once / 1 (this machine's ceiling for "
+                                         "the 2-worker ratio)",
              "ingest_1w_vs_plain_without_mask_pass": "ingest: 1 worker / plain, mask pass left out (fix 3 bound)",
              "ingest_2w_vs_1w_without_mask_pass": "ingest: 2 / 1 workers, mask pass left out (fix 3 bound)",
              "ingest_1w_vs_plain_folded_mask": "ingest: 1 worker / plain, mask counted in the ingest tasks + glibc "
@@ -1262,6 +1295,8 @@ def render_markdown(res: dict) -> str:
         if part not in res:
             continue
         for key, r in res[part]["ratios"].items():
+            if r["best"] is None:  # a variant this run did not measure
+                continue
             base = (key.replace("_glibc_malloc", "").replace("_subject_tasks", "").replace("_without_mask_pass", "")
                     .replace("_chunked_plain", "_plain").replace("_folded_mask", ""))
             target = TARGETS[base]

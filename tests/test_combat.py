@@ -499,3 +499,15 @@ def test_live_neurocombat_on_seeded_multi_site_data():
     np.testing.assert_allclose(ours, out["data"].T, rtol=0, atol=TOL)
     np.testing.assert_allclose(model.gamma_star_, out["estimates"]["gamma.star"], rtol=0, atol=TOL)
     np.testing.assert_allclose(model.delta_star_, out["estimates"]["delta.star"], rtol=0, atol=TOL)
+
+
+def test_table_combat_does_not_import_torch():
+    # torch is ~200 MiB of RSS: a ComBat user on a feature table should not pay for it (bench_combat's peak ratio)
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom harmonize.models.combat import ComBatHarmonizer\n"
+            "from harmonize.models import load_model\nimport harmonize.models as m\n"
+            "assert m.VoxelComBat.kind == 'combat'\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -11,19 +11,39 @@ A saved model is a folder: weights (safetensors) + config.json (kind, params, le
 
 from __future__ import annotations
 
+import importlib
 import os
+from collections.abc import Iterator, Mapping
 
-from harmonize.models.combat import ComBatHarmonizer
 from harmonize.models.files import ModelFileError, load_weights, read_config
-from harmonize.models.invariant import InvariantHarmonizer
-from harmonize.models.voxel_combat import VoxelComBat
 
 __all__ = ["MODELS", "ModelFileError", "load_model", "load_weights", "model_checksum", "read_config"]
 
+
+class _Registry(Mapping):
+    """kind -> harmonizer class, imported on first use: the table-level ComBat and the voxel ComBat do
+    not pay for importing torch (~200 MiB of RSS, benchmarks/results/combat.md) unless the invariant
+    model is asked for."""
+
+    def __init__(self, classes: dict[str, str]):
+        self._classes = classes
+
+    def __getitem__(self, kind: str):
+        module, name = self._classes[kind].split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._classes)
+
+    def __len__(self) -> int:
+        return len(self._classes)
+
+
 # what `harmonize fit --model KIND` trains on a store's images
-MODELS = {InvariantHarmonizer.kind: InvariantHarmonizer, VoxelComBat.kind: VoxelComBat}
+MODELS = _Registry({"invariant": "harmonize.models.invariant:InvariantHarmonizer",
+                    "combat": "harmonize.models.voxel_combat:VoxelComBat"})
 # every kind a saved model folder may hold (the table-level ComBat works on feature tables, not stores)
-_LOADABLE = {**MODELS, ComBatHarmonizer.kind: ComBatHarmonizer}
+_LOADABLE = _Registry({**MODELS._classes, "combat-table": "harmonize.models.combat:ComBatHarmonizer"})
 
 
 def _config(path: str | os.PathLike) -> dict:
@@ -40,3 +60,13 @@ def load_model(path: str | os.PathLike, device: str = "cpu"):
 
 def model_checksum(path: str | os.PathLike) -> str:
     return str(_config(path)["checksum"])
+
+
+_CLASSES = {"InvariantHarmonizer": "invariant", "VoxelComBat": "combat", "ComBatHarmonizer": "combat-table"}
+
+
+def __getattr__(name: str):
+    """`harmonize.models.InvariantHarmonizer` and the others, imported when first asked for."""
+    if name in _CLASSES:
+        return _LOADABLE[_CLASSES[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
