@@ -226,24 +226,23 @@ def test_chunked_fit_equals_unchunked(seeded, options):
     assert np.abs(out_whole - out_chunked).max() <= TOL
 
 
-def test_transform_chunk_size_and_in_place_do_not_change_the_result(seeded):
-    X, covars = seeded
+def test_transform_chunk_size_and_in_place_do_not_change_the_result():
+    X, sites, covars = _synthetic(seed=3, n_features=9000)  # more features than one default chunk (4096)
     opts = {"covariates": ["age", "sex"], "categorical": ["sex"]}
-    reference = ComBatHarmonizer(**opts, chunk_size=X.shape[1]).fit(X, covars["SITE"], covars)
-    expected = reference.transform(X, covars["SITE"], covars)
-    for chunk in (1, 37, 4096):
-        model = ComBatHarmonizer(**opts, chunk_size=chunk).fit(X, covars["SITE"], covars)
-        assert np.abs(model.transform(X, covars["SITE"], covars) - expected).max() <= TOL, chunk
+    expected = ComBatHarmonizer(**opts, chunk_size=X.shape[1]).fit_transform(X, sites, covars)
+    for chunk in (1000, 37 * 97, None):
+        model = ComBatHarmonizer(**opts, chunk_size=chunk).fit(X, sites, covars)
+        assert np.abs(model.transform(X, sites, covars) - expected).max() <= TOL, chunk
     before = X.copy()
-    out = ComBatHarmonizer(**opts).fit(X, covars["SITE"], covars).transform(X, covars["SITE"], covars)
+    out = ComBatHarmonizer(**opts).fit(X, sites, covars).transform(X, sites, covars)
     np.testing.assert_array_equal(X, before)  # copy=True (the default) leaves the caller's array alone
     assert out is not X
-    in_place = ComBatHarmonizer(**opts, copy=False).fit(X.copy(), covars["SITE"], covars)
+    in_place = ComBatHarmonizer(**opts, copy=False).fit(X.copy(), sites, covars)
     mine = X.copy()
-    got = in_place.transform(mine, covars["SITE"], covars)
+    got = in_place.transform(mine, sites, covars)
     assert got is mine and np.abs(mine - expected).max() <= TOL
     floats32 = X.astype(np.float32)  # not float64: copied anyway, as in scikit-learn
-    assert in_place.transform(floats32, covars["SITE"], covars) is not floats32
+    assert in_place.transform(floats32, sites, covars) is not floats32
 
 
 def test_chunk_pipeline_by_hand(seeded):
