@@ -6,8 +6,9 @@
 Part 1, ``table`` - 200 subjects x 200,000 features (float64), 4 unequal sites (40/50/50/60), covariates age
 (continuous) + sex (0/1), synthetic data with per-feature site location/scale effects, written once to X.npy +
 covars.csv.  Each side runs fit + apply in its OWN fresh subprocess with ONE BLAS thread (OMP/MKL/OPENBLAS=1):
-  ref    neuroHarmonize 2.5.2 (numpy 1.26, pandas 2) in a separate venv (default /tmp/venv-ref; made with pip on first
-         use, because neuroHarmonize pins numpy<2): harmonizationLearn(X, covars[SITE, age, sex]) then
+  ref    neuroHarmonize 2.5.2 (numpy 1.26, pandas 2) in a separate venv (default: .venv-ref in the repository,
+         git-ignored; made with pip on first use, because neuroHarmonize pins numpy<2):
+         harmonizationLearn(X, covars[SITE, age, sex]) then
          harmonizationApply(X, covars, model); the learn step alone is timed too (it already returns harmonized data).
   ours   ComBatHarmonizer(covariates=["age", "sex"], continuous_dtype="float32") .fit(X, SITE, covars) then
          .transform(...): neuroHarmonize's model (sex numeric; float32 ages, as neuroCombat rounds them).
@@ -51,6 +52,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -58,7 +60,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                "VECLIB_MAXIMUM_THREADS")
-REF_VENV = Path("/tmp/venv-ref")  # .venv-ref is not git-ignored in this repository, so the venv lives in /tmp
+REF_VENV = ROOT / ".venv-ref"  # git-ignored; neuroHarmonize pins numpy<2, so it cannot share .venv
 REF_PACKAGES = ["neuroHarmonize==2.5.2", "numpy<2", "pandas", "psutil"]
 SITE_PATTERN = [0] * 4 + [1] * 5 + [2] * 5 + [3] * 6  # 20/25/25/30 %: any multiple of 20 subjects is balanced
 SUBCHUNK = 16384
@@ -867,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     parser.add_argument("--ref-venv", default=str(REF_VENV), help="venv with neuroHarmonize (made if missing)")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
-    parser.add_argument("--out", default=None, help="default: benchmarks/results (--quick: /tmp/bench-combat-quick)")
+    parser.add_argument("--out", default=None, help="default: benchmarks/results (--quick: <temp>/bench-combat-quick)")
     parser.add_argument("--skip-voxels", action="store_true", help="out of core: the subject series only")
     parser.add_argument("--skip-proposed", action="store_true",
                         help="out of core: skip the run with the proposed block_statistics")
@@ -889,10 +891,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(result))
         return 0
 
-    import tempfile
-
     cfg = QUICK if args.quick else FULL
-    out = Path(args.out or ("/tmp/bench-combat-quick" if args.quick else ROOT / "benchmarks" / "results"))
+    out = Path(args.out or (Path(tempfile.gettempdir()) / "bench-combat-quick" if args.quick
+                            else ROOT / "benchmarks" / "results"))
     out.mkdir(parents=True, exist_ok=True)
     tmp = None
     if args.work:

@@ -318,16 +318,51 @@ def _torch_file(path: Path, marker: Path) -> Path:
     return path
 
 
+def _called_globals(data: bytes) -> set[tuple[str, str]]:
+    """The (module, name) globals a pickle looks up and calls on loading, read statically (nothing runs)."""
+    import pickletools
+
+    memo: dict[int, object] = {}
+    strings: list[object] = []
+    found: set[tuple[str, str]] = set()
+    calls = False
+    last: object = None
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            last = arg
+            strings.append(arg)
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            last = memo.get(int(arg))
+            strings.append(last)
+        elif op.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+            memo[len(memo) if op.name == "MEMOIZE" else int(arg)] = last
+        elif op.name in ("STACK_GLOBAL", "GLOBAL"):
+            last = (strings[-2], strings[-1]) if op.name == "STACK_GLOBAL" else tuple(arg.split(" ", 1))
+            found.add(last)
+        else:
+            calls |= op.name in ("REDUCE", "NEWOBJ", "NEWOBJ_EX", "INST", "OBJ", "BUILD")
+            last = None
+    return found if calls else set()
+
+
 def test_the_payloads_are_live(tmp_path):
     """Loading either crafted file the unsafe way runs code; harmonize must never do that."""
-    import torch
+    import zipfile
 
     marker = tmp_path / "pwned"
-    pickle.loads(_pickle_file(tmp_path / "m.pkl", marker).read_bytes())  # noqa: S301 - the point of the test
+    plain = _pickle_file(tmp_path / "m.pkl", marker).read_bytes()
+    pickle.loads(plain)  # noqa: S301 - our own bytes: shows the payload runs code when unpickled
     assert marker.exists()
     marker.unlink()
-    torch.load(str(_torch_file(tmp_path / "m.pt", marker)), weights_only=False)  # noqa: S614
-    assert marker.exists()
+    # the torch.save file carries the same call in its pickle (read statically: never torch.load it unsafely)
+    with zipfile.ZipFile(_torch_file(tmp_path / "m.pt", marker)) as archive:
+        (inner,) = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        embedded = archive.read(inner)
+    # protocol 4 names Path.touch directly, torch's protocol 2 reaches it through getattr(Path, "touch")
+    assert ("pathlib", "Path.touch") in _called_globals(plain)
+    assert {("__builtin__", "getattr"), ("pathlib", "Path")} <= _called_globals(embedded)
+    assert b"touch" in embedded and marker.name.encode() in embedded
+    assert not marker.exists()
 
 
 @pytest.fixture(scope="module")
