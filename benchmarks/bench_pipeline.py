@@ -220,38 +220,6 @@ def _covariates(table) -> list[dict]:
     return covariate_frame(table, [S.AGE, S.SEX]).to_dict("records")
 
 
-def _w_subject_apply(images_path: str, out_path: str, model_dir: str, checksum: str, position: int, site: str,
-                     covariates: dict, mask, chunks: tuple, reference: str | None) -> int:
-    """Proposed apply task: one subject per task; harmonized chunk by chunk in memory, whole chunks written."""
-    import zarr
-
-    from harmonize.apply import cached_model
-
-    model = cached_model(model_dir, checksum)
-    vol = zarr.open_array(images_path, mode="r")[position]
-    ctx = model.subject_context(site, covariates, vol, mask)
-    zarr.open_array(out_path, mode="r+")[position] = _chunked_volume(model, vol, ctx, mask, chunks, reference)
-    return position
-
-
-def _chunked_volume(model, vol, ctx, mask, chunks: tuple, reference: str | None):
-    """harmonize_block over the store's chunks of one in-memory volume (halo from the neighbours), x mask."""
-    import itertools
-
-    import numpy as np
-
-    r = int(model.halo)
-    padded = np.pad(vol, r)
-    out = np.empty_like(vol)
-    starts = [range(0, n, c) for n, c in zip(vol.shape, chunks, strict=True)]
-    for corner in itertools.product(*starts):
-        loc = tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, chunks, vol.shape, strict=True))
-        block = padded[tuple(slice(s.start, s.stop + 2 * r) for s in loc)]
-        out[loc] = model.harmonize_block(block, ctx, loc, reference)
-    out *= mask
-    return out
-
-
 # ---- the Dask profiler's tree -> top frames ----------------------------------------------------------
 def _profile_top(state: dict, n: int = 25) -> dict:
     """Self time and inclusive time per function from distributed's profile tree (fractions of samples)."""
@@ -376,6 +344,7 @@ def job_apply_plain(a: dict) -> dict:
     import torch
     import zarr
 
+    from harmonize.apply import harmonize_chunked
     from harmonize.io import schema as S
     from harmonize.io.store import CohortStore
     from harmonize.models import load_model
@@ -407,7 +376,7 @@ def job_apply_plain(a: dict) -> dict:
         ctx = model.subject_context(str(table[S.SITE].iat[i]), covs[i], vol, mask)
         t2 = time.perf_counter()
         if a.get("chunked"):  # the same loop, 64^3 chunks + halo in memory (what the proposed apply task does)
-            harmonized = _chunked_volume(model, vol, ctx, mask, tuple(store.chunks), None)
+            harmonized = harmonize_chunked(model, vol, ctx, mask, tuple(store.chunks), None)
         else:
             harmonized = model._whole_volume(vol, ctx, mask)  # noqa: SLF001 - = harmonize_volume given the context
         t3 = time.perf_counter()
@@ -503,10 +472,11 @@ def job_apply_dask(a: dict) -> dict:
 
 
 def _apply_subject_tasks(client, store_path: str, model_dir: str, output: str) -> int:
-    """The proposed apply: one task per subject, at most 4 x (worker threads) in flight (the scheduler never
-    holds the cohort's tasks at once); statuses as apply_model sets them, after the writes."""
+    """The prototype of today's apply (one task per subject, at most 4 x worker threads in flight), kept so
+    that the earlier run's "subject" rows can be reproduced; it calls the library's task."""
     from distributed import as_completed
 
+    from harmonize.apply import harmonize_subject
     from harmonize.cluster import total_threads
     from harmonize.io import schema as S
     from harmonize.io.store import CohortStore
@@ -522,8 +492,8 @@ def _apply_subject_tasks(client, store_path: str, model_dir: str, output: str) -
     checksum = model_checksum(model_dir)
 
     def submit(i):
-        return client.submit(_w_subject_apply, store.array_path(S.IMAGES), store.array_path(output), model_dir,
-                             checksum, i, str(table[S.SITE].iat[i]), covs[i], mask_f, tuple(store.chunks), None,
+        return client.submit(harmonize_subject, store.array_path(S.IMAGES), store.array_path(output), i, model_dir,
+                             checksum, mask_f, str(table[S.SITE].iat[i]), covs[i], None, tuple(store.chunks), None,
                              pure=False)
 
     window = 4 * total_threads(client)

@@ -51,6 +51,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from harmonize import metrics
+from harmonize.apply import harmonize_chunked
 from harmonize.io import schema as S
 from harmonize.io.store import dump_json
 from harmonize.models.invariant import InvariantHarmonizer
@@ -148,21 +149,9 @@ def sex_effect(values: np.ndarray, age: np.ndarray, sex: Sequence[str]) -> dict:
 
 def harmonize_tiled(model, volume: np.ndarray, site: str, mask: np.ndarray, covariates: dict | None,
                     block: Sequence[int]) -> np.ndarray:
-    """Harmonize one volume chunk by chunk (each with the model's halo, zeros beyond the grid), as the
-    graph layer does, and stitch the chunks."""
+    """Harmonize one volume chunk by chunk, as the apply tasks do (each chunk with the model's halo)."""
     context = model.subject_context(site, covariates, volume=volume, mask=mask)
-    h = int(model.halo)
-    padded = np.pad(np.asarray(volume, dtype=np.float32), h)
-    out = np.zeros(np.shape(volume), dtype=np.float32)
-    starts = [range(0, n, int(b)) for n, b in zip(np.shape(volume), block, strict=True)]
-    for x in starts[0]:
-        for y in starts[1]:
-            for z in starts[2]:
-                loc = tuple(slice(a, min(a + int(b), n)) for a, b, n in
-                            zip((x, y, z), block, np.shape(volume), strict=True))
-                chunk = padded[tuple(slice(s.start, s.stop + 2 * h) for s in loc)]
-                out[loc] = model.harmonize_block(chunk, context, loc)
-    return out * mask
+    return harmonize_chunked(model, volume, context, mask, tuple(int(b) for b in block))
 
 
 def seam_difference(model, volume: np.ndarray, site: str, mask: np.ndarray, covariates: dict | None,

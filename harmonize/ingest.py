@@ -155,9 +155,9 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
         grid_attrs = store.grid.to_attrs()
         # the mask is made once, from the first subjects ingested: count their voxels as they arrive when
         # every ingested subject is in this run (a run killed before the mask leaves it to a pass over the store)
-        count_mask = S.MASK_FROM not in store.group.attrs and not (table[S.INGEST_STATUS] == S.DONE).any()
-        nonzero = np.zeros(int(np.prod(store.grid.shape)), np.uint32) if count_mask else None
-        args = [(str(c.path), grid_attrs, array_path, p, c.relpath, count_mask) for c, p in todo]
+        if S.MASK_FROM not in store.group.attrs and not (table[S.INGEST_STATUS] == S.DONE).any():
+            nonzero = np.zeros(int(np.prod(store.grid.shape)), np.uint32)
+        args = [(str(c.path), grid_attrs, array_path, p, c.relpath, nonzero is not None) for c, p in todo]
         if client is None:
             finished = ((k, _ingest_one(*a)) for k, a in enumerate(args))
         else:
@@ -187,7 +187,7 @@ def ingest(bids_dir: str | os.PathLike, store_path: str | os.PathLike, client: C
     if S.MASK_FROM not in store.group.attrs and (table[S.INGEST_STATUS] == S.DONE).any():
         # once, from the first subjects ingested (kept afterwards so that results stay stable as the cohort
         # grows); decided by a flag written after the mask, so a run killed before it writes it next time
-        if nonzero is not None and len(result.ingested) == (table[S.INGEST_STATUS] == S.DONE).sum():
+        if nonzero is not None:  # every done subject is one of this run's: their counts are all there
             _write_mask_from_counts(store, nonzero.reshape(store.grid.shape), len(result.ingested), mask_threshold)
         else:
             _write_mask(store, mask_threshold)
