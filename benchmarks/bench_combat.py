@@ -36,7 +36,8 @@ so fit and apply read exactly n subjects) and voxels 250k/500k/750k/1M at 400 su
 50x100x100, 50x150x100, 100x100x100; store chunks 50^3, so 2/4/6/8 equal blocks).  A line time = a + b * size is
 fitted per series (slope, R^2, time per unit).  One sanity check (n = smallest): the store's output vs the
 in-memory ComBatHarmonizer on the same data.  The references' memory at 400 x 1M is an ESTIMATE from their measured
-peak per element at 200 x 200k (they are not run into an OOM).
+peak per element at 200 x 200k (they are not run into an OOM).  The earlier "PROPOSED block_statistics" run is gone:
+the sub-chunk gathering and subject batching it proposed are now the library's block_statistics, used by every run.
 
 Load averages (os.getloadavg) are recorded with every measurement: the machine is shared.
 Results: <out>/combat.json and <out>/combat.md (default out: benchmarks/results).
@@ -290,38 +291,6 @@ def _w_warm() -> int:
     return os.getpid()
 
 
-def _proposed_block_statistics(images, mask_block, design, *, mean_only: bool = False, feature_offset: int = 0):
-    """Proposed harmonize.models.voxel_combat.block_statistics: no (subjects x block) copy of the mask voxels and no
-    (subjects x block) finite mask; each sub-chunk is gathered, converted to float64 and checked on its own, and the
-    sub-chunk holds ~4M values (32 MiB) whatever the cohort size (the library: 16,384 voxels x subjects)."""
-    import numpy as np
-
-    from harmonize.models.combat import chunk_statistics, concatenate_statistics
-
-    n = images.shape[0]
-    flat = np.asarray(images).reshape(n, -1)
-    inside = np.flatnonzero(np.asarray(mask_block, bool).ravel())
-    whole = inside.size == flat.shape[1]
-    step = max(1024, (1 << 22) // max(n, 1))
-    parts = []
-    for a in range(0, max(inside.size, 1), step):
-        sub = flat[:, slice(a, a + step) if whole else inside[a:a + step]].astype(np.float64)
-        finite = np.isfinite(sub).all(axis=1)
-        if not finite.all():
-            bad = np.flatnonzero(~finite)
-            raise ValueError(f"{bad.size} subject(s) (positions {bad[:10].tolist()} of this fit) have NaN/Inf voxels "
-                             "inside the brain mask; re-ingest or exclude them")
-        parts.append(chunk_statistics(sub, design, mean_only=mean_only, feature_offset=feature_offset + a))
-    return concatenate_statistics(parts)
-
-
-def _w_patch_block_statistics() -> str:
-    import harmonize.fit_graph
-
-    harmonize.fit_graph.block_statistics = _proposed_block_statistics
-    return "patched"
-
-
 def job_ooc(a: dict) -> dict:
     """fit + apply of voxel-wise ComBat on the first a.n subjects of a store, with a fresh 2-worker cluster, a.reps
     times in that cluster (pass k > 0 refits and re-applies with overwrite=True).  Per pass: wall time, and CPU time
@@ -357,8 +326,6 @@ def job_ooc(a: dict) -> dict:
     passes = []
     try:
         pids = sorted(client.run(_w_warm).values())
-        if a.get("proposed_blocks"):
-            client.run(_w_patch_block_statistics)
         for rep in range(a.get("reps", 1)):
             c0 = cpu(client)
             mark(f"fit{rep}")
@@ -385,7 +352,7 @@ def job_ooc(a: dict) -> dict:
     store.set_field(S.INGEST_STATUS, np.arange(total), [S.DONE] * total)
     best = {k: min(p[k] for p in passes) for k in ("fit_s", "apply_s", "total_s", "fit_cpu_s", "apply_cpu_s",
                                                    "total_cpu_s")}
-    return {"n": a["n"], "proposed_blocks": bool(a.get("proposed_blocks")), "voxels": int(store.mask().sum()),
+    return {"n": a["n"], "voxels": int(store.mask().sum()),
             "grid": list(store.grid.shape), "store_chunks":
             list(store.chunks), **best, "passes": passes, "harmonized": passes[-1]["harmonized"],
             "failed": passes[-1]["failed"], "model_dir": str(model_dir),
@@ -416,21 +383,6 @@ def job_check(a: dict) -> dict:
             "max_rel_diff": float((diff / np.maximum(np.abs(expected), 1e-12)).max()),
             "data_range": [float(x.min()), float(x.max())],
             "note": "store output is float32: differences are float32 rounding of values ~1e2"}
-
-
-def job_compare_models(a: dict) -> dict:
-    """max |difference| of every fitted per-voxel array of two saved VoxelComBat models (relative to its max)."""
-    import numpy as np
-
-    from harmonize.models.voxel_combat import VoxelComBat
-
-    m1, m2 = VoxelComBat.load(a["a"]), VoxelComBat.load(a["b"])
-    out = {}
-    for k, v in m1.grid_params_.items():
-        d = float(np.abs(v - m2.grid_params_[k]).max())
-        out[k] = {"max_abs_diff": d, "relative": d / max(float(np.abs(v).max()), 1e-300)}
-    out["same_iterations"] = m1.iterations_ == m2.iterations_
-    return out
 
 
 # ====================================================================================================
@@ -647,11 +599,10 @@ def _mem_total_gib() -> float:
     return float("nan")
 
 
-def _ooc_run(store: str, n: int, work: Path, label: str, reps: int, params: dict | None = None,
-             proposed_blocks: bool = False) -> dict:
+def _ooc_run(store: str, n: int, work: Path, label: str, reps: int, params: dict | None = None) -> dict:
     marks = work / f"marks-{time.time_ns()}.jsonl"
-    r = run_job("ooc", {"store": store, "n": n, "marks": str(marks), "reps": reps, "params": params or {},
-                        "proposed_blocks": proposed_blocks}, work, label, sample=True)
+    r = run_job("ooc", {"store": store, "n": n, "marks": str(marks), "reps": reps, "params": params or {}},
+                work, label, sample=True)
     sampler = r.pop("_sampler", None)
     if "error" in r or sampler is None:
         return r
@@ -682,7 +633,7 @@ def _ooc_run(store: str, n: int, work: Path, label: str, reps: int, params: dict
     return r
 
 
-def part_ooc(cfg: dict, work: Path, skip_voxels: bool = False, skip_proposed: bool = False) -> dict:
+def part_ooc(cfg: dict, work: Path, skip_voxels: bool = False) -> dict:
     chunks = cfg["chunks"]
     big_n = cfg["subjects"][-1]
     stores, runs = [], []
@@ -697,16 +648,6 @@ def part_ooc(cfg: dict, work: Path, skip_voxels: bool = False, skip_proposed: bo
     if "error" not in runs[-1]:
         check = run_job("check", {"store": main, "n": cfg["subjects"][0]}, work,
                         f"check store output vs in-memory ComBat, n={cfg['subjects'][0]}")
-    if not skip_proposed:
-        r = _ooc_run(main, big_n, work, f"ooc fit+apply n={big_n} grid={cfg['grid']}, PROPOSED block_statistics",
-                     cfg["ooc_reps"], proposed_blocks=True)
-        r["series"] = "proposed_blocks"
-        runs.append(r)
-        library = next((x for x in runs if x.get("series") == "subjects" and x.get("n") == big_n and "error" not in x),
-                       None)
-        if library and "error" not in r:
-            r["vs_library_model"] = run_job("compare_models", {"a": library["model_dir"], "b": r["model_dir"]}, work,
-                                            "compare the proposed fit's parameters with the library's")
     shutil.rmtree(main, ignore_errors=True)
     if not skip_voxels:
         for grid in cfg["voxel_grids"]:
@@ -818,14 +759,13 @@ def render(res: dict) -> str:
             wp = " / ".join(f"{max(m[ph]['per_process_peak_mib'].get(w, 0) for ph in ('fit', 'apply')):.0f}"
                             for w in workers)
             peak = max(m["fit"]["peak_sum_mib"], m["apply"]["peak_sum_mib"])
-            who = f"{r['n']} (proposed block_statistics)" if r.get("proposed_blocks") else f"{r['n']}"
-            lines.append(f"| {who} | {r['voxels']:,} | {r['fit_s']:.1f} | {r['apply_s']:.1f} | {r['total_s']:.1f} | "
+            lines.append(f"| {r['n']} | {r['voxels']:,} | {r['fit_s']:.1f} | {r['apply_s']:.1f} | {r['total_s']:.1f} | "
                          f"{r['total_cpu_s']:.1f} | {r['total_cpu_s'] / (r['n'] * r['voxels'] / 1e6):.3f} | "
                          f"{m['fit']['peak_sum_mib']:.0f} | {m['apply']['peak_sum_mib']:.0f} | {coord:.0f} | {wp} | "
                          f"{sum(r['ru_maxrss_mib'].values()):.0f} | {_ok(peak / 1024 <= TARGETS['ooc_peak_gib'])} | "
                          f"{r['load'].get('fit0')} |")
         per_pass = "; ".join(
-            f"{r['n']} x {r['voxels']:,}{' (proposed)' if r.get('proposed_blocks') else ''}: "
+            f"{r['n']} x {r['voxels']:,}: "
             + " / ".join(f"{v:.0f}" for v in r["memory"]["fit"]["per_pass_peak_sum_mib"])
             for r in o["runs"] if "memory" in r)
         lines += ["", f"Peak sum in the fit, pass by pass (MiB; pass 2 runs after an apply in the same cluster, whose "
@@ -843,12 +783,6 @@ def render(res: dict) -> str:
                                                                                           else " wall")
                 lines.append(f"| {name} | {', '.join(f'{s:,}' for s in f['sizes'])} | {label} | "
                              f"{g['slope'] * scale:.3g} s per {unit} | {g['intercept']:.1f} | {g['r2']:.4f} | {per} |")
-        for r in o["runs"]:
-            v = r.get("vs_library_model")
-            if v and "error" not in v:
-                worst = max((x["relative"] for k, x in v.items() if isinstance(x, dict)), default=float("nan"))
-                lines += ["", f"Proposed block_statistics at {r['n']} x {r['voxels']:,}: fitted parameters equal the "
-                              f"library's to {worst:.1e} relative (same EB iterations: {v['same_iterations']})."]
         c = o.get("check") or {}
         if "max_abs_diff" in c:
             lines += ["", f"Sanity check, n = {c['n']} x {c['voxels']:,}: store output vs in-memory ComBatHarmonizer "
@@ -871,8 +805,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--out", default=None, help="default: benchmarks/results (--quick: <temp>/bench-combat-quick)")
     parser.add_argument("--skip-voxels", action="store_true", help="out of core: the subject series only")
-    parser.add_argument("--skip-proposed", action="store_true",
-                        help="out of core: skip the run with the proposed block_statistics")
     # internal
     parser.add_argument("--table-worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -885,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.job:
         jobs = {"make_store": job_make_store, "ooc": job_ooc, "check": job_check, "make_table": job_make_table,
-                "compare": job_compare, "compare_models": job_compare_models}
+                "compare": job_compare}
         result = jobs[args.job](
             json.loads(Path(args.spec).read_text()))
         Path(args.result).write_text(json.dumps(result))
@@ -911,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         if "table" in args.parts:
             res["table"] = part_table(cfg, work, ensure_ref_venv(Path(args.ref_venv)), args.variants)
         if "ooc" in args.parts:
-            res["ooc"] = part_ooc(cfg, work, args.skip_voxels, args.skip_proposed)
+            res["ooc"] = part_ooc(cfg, work, args.skip_voxels)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

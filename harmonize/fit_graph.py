@@ -1,9 +1,10 @@
 """The graph layer for fits that run over the store's chunks (ComBat).
 
-ComBat's fit is one pass of per-block statistics (all subjects x one spatial block of the grid), which
-run as Dask tasks next to the data, each reading whole Zarr chunks; the client then pools the per-site
-hyper-priors over all voxels and finishes the empirical-Bayes step from the statistics alone (no data).
-The statistics are O(sites x voxels), so no process ever holds a subjects x voxels matrix.
+ComBat's fit is per-block statistics (all subjects x one spatial block of the grid, read in batches of
+subjects), which run as Dask tasks next to the data, each reading whole Zarr chunks; the client then pools
+the per-site hyper-priors over all voxels and finishes the empirical-Bayes step from the statistics alone
+(no data). The statistics are O(sites x voxels) and a task holds one batch of subjects of its block at a
+time, so no process holds a subjects x voxels matrix and a worker's memory does not grow with the cohort.
 """
 
 from __future__ import annotations
@@ -20,15 +21,26 @@ from harmonize.models.voxel_combat import VoxelComBat, block_locations, block_st
 
 
 def _block_task(images_path: str, positions: np.ndarray, location: tuple[slice, slice, slice],
-                mask_block: np.ndarray, design: Design, mean_only: bool, feature_offset: int) -> ChunkStatistics:
+                mask_block: np.ndarray, design: Design, mean_only: bool, feature_offset: int,
+                batch: int | None = None) -> ChunkStatistics:
     images = zarr.open_array(images_path, mode="r")
-    # orthogonal selection: these subjects, this block (whole chunks, so each is decompressed once)
-    block = images.get_orthogonal_selection((np.asarray(positions), *location))
-    return block_statistics(block, mask_block, design, mean_only=mean_only, feature_offset=feature_offset)
+    positions = np.asarray(positions)
+
+    def read(a: int, b: int) -> np.ndarray:
+        # orthogonal selection: subjects a..b-1 of the fit, this block; the store's chunks are one subject x a
+        # spatial block, so each chunk is decompressed once per pass (passes: 1 if all subjects fit one batch)
+        return images.get_orthogonal_selection((positions[a:b], *location))
+
+    return block_statistics(read, mask_block, design, mean_only=mean_only, feature_offset=feature_offset,
+                            batch=batch)
 
 
-def fit_combat(store_path, client: Client, params: dict | None = None, progress: bool = True) -> VoxelComBat:
-    """Fit voxel-wise ComBat on the store's ingested subjects with Dask; returns the fitted model."""
+def fit_combat(store_path, client: Client, params: dict | None = None, progress: bool = True,
+               subject_batch: int | None = None) -> VoxelComBat:
+    """Fit voxel-wise ComBat on the store's ingested subjects with Dask; returns the fitted model.
+
+    ``subject_batch``: subjects per read of a block (default: a fixed memory budget, see
+    :func:`harmonize.models.voxel_combat.subject_batch`)."""
     store = CohortStore(store_path)
     model = VoxelComBat(**(params or {}))
     table = store.table()
@@ -43,6 +55,7 @@ def fit_combat(store_path, client: Client, params: dict | None = None, progress:
     offsets = np.concatenate([[0], np.cumsum([int(mask[loc].sum()) for loc in blocks])])
     design_future = client.scatter(design, broadcast=True, hash=False)
     futures = [client.submit(_block_task, store.array_path(S.IMAGES), positions, loc, mask[loc], design_future,
-                             model.mean_only, int(offsets[k]), pure=False) for k, loc in enumerate(blocks)]
+                             model.mean_only, int(offsets[k]), subject_batch, pure=False)
+               for k, loc in enumerate(blocks)]
     stats = gather_with_progress(client, futures, "combat statistics", show=progress)
     return model.fit_from_blocks(stats, blocks, mask, design)

@@ -110,3 +110,116 @@ def test_an_empty_covariate_in_the_store_is_missing_not_a_category(dataset):
     assert frame[S.SEX].isna().tolist() == [i == 2 for i in range(len(frame))]
     with pytest.raises(ValueError, match=r"'sex' at subject rows 2"):
         VoxelComBat(reference_site="NYU").fit(broken)
+
+
+# ---- subject-batched block statistics (memory flat in the number of subjects) -------------------------------
+def _batched_case(reference_site):
+    """3 sites of different sizes, age + sex, a partial mask; constant voxels: everywhere, within site B only,
+    within site A only (a pass-through voxel when that site is the reference)."""
+    rng = np.random.default_rng(11)
+    sizes = (9, 14, 6)
+    sites = np.repeat(["A", "B", "C"], sizes)
+    n = sites.size
+    covariates = pd.DataFrame({"age": rng.uniform(20, 80, n), "sex": rng.choice(["F", "M"], n)})
+    shape = (10, 6, 5)
+    effect = np.repeat([0.0, 5.0, -3.0], sizes)[:, None] * rng.uniform(0.5, 2.0, np.prod(shape))
+    scale = np.repeat([1.0, 1.5, 0.7], sizes)[:, None]
+    images = 100 + 0.3 * covariates["age"].to_numpy()[:, None] + effect + 10 * scale * rng.normal(size=(n, 300))
+    mask = rng.random(shape) < 0.8
+    flat_mask = np.flatnonzero(mask.ravel())
+    images[:, flat_mask[3]] = 7.0
+    images[sites == "B", flat_mask[10]] = 3.0
+    images[sites == "A", flat_mask[20]] = 2.0
+    design = VoxelComBat(reference_site=reference_site).design(sites.tolist(), covariates)
+    return images.reshape(n, *shape).astype(np.float32), mask, design
+
+
+def _assert_statistics_close(got, expected):
+    from dataclasses import fields
+
+    from harmonize.models.combat import HyperStatistics
+
+    assert got.feature_offset == expected.feature_offset and got.reference == expected.reference
+    np.testing.assert_array_equal(got.passthrough, expected.passthrough)
+    np.testing.assert_array_equal(got.counts, expected.counts)
+    pairs = [(f.name, getattr(got, f.name), getattr(expected, f.name)) for f in fields(expected)]
+    pairs += [(f"summary.{f.name}", getattr(got.summary, f.name), getattr(expected.summary, f.name))
+              for f in fields(HyperStatistics)]
+    for name, a, b in pairs:
+        if isinstance(b, np.ndarray) and b.dtype != bool:
+            # atol only for values that are rounding noise around 0 (e.g. the reference site's own gamma_hat)
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("reference_site", [None, "A", "B"])
+@pytest.mark.parametrize("mean_only", [False, True])
+@pytest.mark.parametrize("batch", [1, 7, 29, 40])
+def test_batched_block_statistics_equal_chunk_statistics(reference_site, mean_only, batch, monkeypatch):
+    from harmonize.models import voxel_combat
+    from harmonize.models.combat import chunk_statistics
+
+    monkeypatch.setattr(voxel_combat, "SUBCHUNK_VOXELS", 64)  # several sub-chunks x several batches
+    images, mask, design = _batched_case(reference_site)
+    voxels = images.reshape(images.shape[0], -1)[:, mask.ravel()].astype(np.float64)
+    expected = chunk_statistics(voxels, design, mean_only=mean_only, feature_offset=17)
+    assert expected.passthrough.sum() == (1 if reference_site is None else 2)  # + constant at the reference
+    got = voxel_combat.block_statistics(images, mask, design, mean_only=mean_only, feature_offset=17, batch=batch)
+    _assert_statistics_close(got, expected)
+
+
+@pytest.mark.parametrize("reference_site", [None, "A"])
+def test_batched_statistics_in_one_batch_equal_chunk_statistics(reference_site):
+    """The two-pass accumulator itself (block_statistics reads a cohort that fits one batch only once)."""
+    from harmonize.models.combat import BatchedStatistics, chunk_statistics
+
+    images, mask, design = _batched_case(reference_site)
+    voxels = images.reshape(images.shape[0], -1)[:, mask.ravel()].astype(np.float64)
+    statistics = BatchedStatistics(design, voxels.shape[1])
+    statistics.add_regression(0, voxels)
+    statistics.solve()
+    statistics.add_residuals(0, voxels)
+    _assert_statistics_close(statistics.result(), chunk_statistics(voxels, design))
+
+
+@pytest.mark.parametrize("batch", [4, 29, None])
+def test_block_reads_are_bounded_by_the_batch(batch):
+    from harmonize.models.voxel_combat import block_statistics
+
+    images, mask, design = _batched_case("A")
+    n = images.shape[0]
+    requests = []
+
+    def read(a, b):
+        requests.append((a, b))
+        return images[a:b]
+
+    block_statistics(read, mask, design, batch=batch)
+    if batch is None or batch >= n:  # a small cohort: one read, no more I/O than before batching
+        assert requests == [(0, n)]
+    else:  # two passes, each over every subject once, never more than `batch` subjects at a time
+        one_pass = [(a, min(a + batch, n)) for a in range(0, n, batch)]
+        assert requests == one_pass + one_pass
+        assert max(b - a for a, b in requests) <= batch
+
+
+def test_batched_read_names_the_subjects_with_nan():
+    from harmonize.models.voxel_combat import block_statistics
+
+    images, mask, design = _batched_case(None)
+    images[[9, 11]] = np.where(mask, np.nan, images[[9, 11]])
+    with pytest.raises(ValueError, match=r"2 subject\(s\) \(positions \[9, 11\] of this fit\)"):
+        block_statistics(images, mask, design, batch=7)
+    with pytest.raises(ValueError, match=r"positions \[9, 11\]"):
+        block_statistics(images, mask, design)
+
+
+def test_distributed_fit_in_small_subject_batches_equals_in_memory(small_store, dataset, client):
+    in_memory = VoxelComBat(reference_site="NYU").fit(dataset)  # 12 subjects: one read per block
+    batched = fit_combat(small_store, client, {"reference_site": "NYU"}, progress=False, subject_batch=5)
+    for name, grid in in_memory.grid_params_.items():
+        np.testing.assert_allclose(batched.grid_params_[name], grid, rtol=1e-9, atol=1e-12, err_msg=name)
+    assert batched.iterations_ == in_memory.iterations_
+    others = [k for k, s in enumerate(in_memory.sites_) if s != "NYU"]  # the reference's priors are of rounding noise
+    for name in ("gamma_bar", "t2", "a_prior", "b_prior"):
+        np.testing.assert_allclose(getattr(batched.hyperpriors_, name)[others],
+                                   getattr(in_memory.hyperpriors_, name)[others], rtol=1e-9, err_msg=name)

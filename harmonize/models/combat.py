@@ -84,8 +84,8 @@ def _missing(values: pd.Series) -> np.ndarray:
     return np.asarray(values.isna(), dtype=bool)
 
 
-def _rows(mask: np.ndarray, limit: int = 10) -> str:
-    idx = np.flatnonzero(mask)
+def _rows(mask: np.ndarray, limit: int = 10, offset: int = 0) -> str:
+    idx = np.flatnonzero(mask) + offset
     shown = ", ".join(str(int(i)) for i in idx[:limit])
     return shown + (f", ... ({idx.size} in all)" if idx.size > limit else "")
 
@@ -288,15 +288,15 @@ def check_design(design: Design, *, mean_only: bool = False) -> None:
                          "covariate (e.g. a level seen at one site only); drop or recode it")
 
 
-def _check_finite(Y: np.ndarray, what: str, feature_offset: int = 0) -> None:
+def _check_finite(Y: np.ndarray, what: str, feature_offset: int = 0, row_offset: int = 0) -> None:
     finite = np.isfinite(Y)
     if not finite.all():
         rows = ~finite.all(axis=1)
         cols = np.flatnonzero(~finite.all(axis=0)) + feature_offset
         shown = ", ".join(str(int(c)) for c in cols[:10]) + (f", ... ({cols.size} in all)" if cols.size > 10 else "")
-        raise ValueError(f"{what} has NaN or infinite values at subject rows {_rows(rows)} (feature columns "
-                         f"{shown}); ComBat needs complete data: impute, mask those features out, or drop the "
-                         "subjects")
+        raise ValueError(f"{what} has NaN or infinite values at subject rows {_rows(rows, offset=row_offset)} "
+                         f"(feature columns {shown}); ComBat needs complete data: impute, mask those features out, "
+                         "or drop the subjects")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -358,53 +358,46 @@ class ChunkStatistics:
         return self.B_hat[self.n_sites:]
 
 
-def chunk_statistics(Y_chunk: np.ndarray, design: Design, *, mean_only: bool = False,
-                     feature_offset: int = 0) -> ChunkStatistics:
-    """One pass over a chunk of features (Y_chunk: n_subjects x F): per-feature estimates and the mergeable
-    moments of the hyper-priors. Pure: depends on no other chunk.
-
-    Pass-through features: constant across all subjects (with a reference site: across its subjects, whose
-    variance is the pooled one, so no scale can be defined). They get var_pooled = 0, are returned unchanged
-    by :func:`adjust_chunk` and are left out of the hyper-priors and of the non-parametric prior."""
-    Y = np.asarray(Y_chunk, dtype=np.float64)
-    if Y.ndim != 2 or Y.shape[0] != design.matrix.shape[0]:
-        raise ValueError(f"Y_chunk must be (n_subjects={design.matrix.shape[0]}, n_features), got {Y.shape}")
-    _check_finite(Y, "the data", feature_offset)
-    check_design(design, mean_only=mean_only)
-    D, S, codes, ref = design.matrix, design.n_sites, design.site_codes, design.spec.reference
-    n = D.shape[0]
-    counts = design.counts
-
-    B_hat = np.linalg.solve(D.T @ D, D.T @ Y)
+def _stand_mean(B_hat: np.ndarray, design: Design) -> np.ndarray:
+    """ComBat's stand_mean (grand_mean): the site intercepts weighted by site size, or the reference's."""
+    ref = design.spec.reference
     if ref is None:
-        grand_mean = (counts / float(n)) @ B_hat[:S]
-    else:
-        grand_mean = B_hat[ref].copy()
-    mod = D[:, S:] @ B_hat[S:]
-    resid = Y - D @ B_hat
-    rows = slice(None) if ref is None else codes == ref
-    n_var = n if ref is None else int(counts[ref])
-    var_pooled = (resid[rows] ** 2).sum(axis=0) / float(n_var)
+        return (design.counts / float(design.matrix.shape[0])) @ B_hat[:design.n_sites]
+    return B_hat[ref].copy()
 
-    basis = Y if ref is None else Y[codes == ref]
-    passthrough = (basis.max(axis=0) == basis.min(axis=0)) | (var_pooled == 0)
-    var_pooled[passthrough] = 0.0
+
+def _variance_rows(design: Design) -> np.ndarray:
+    """(n,) bool: the subjects whose residuals make the pooled variance and that decide pass-through (all of
+    them, or the reference site's)."""
+    ref = design.spec.reference
+    return np.ones(design.matrix.shape[0], bool) if ref is None else design.site_codes == ref
+
+
+def _finish_statistics(design: Design, B_hat: np.ndarray, grand_mean: np.ndarray, var_pooled: np.ndarray,
+                       constant: np.ndarray, site_mean_u: np.ndarray, site_m2_u: np.ndarray,
+                       site_constant_u: np.ndarray, *, mean_only: bool, feature_offset: int) -> ChunkStatistics:
+    """The end of :func:`chunk_statistics` from sufficient statistics, shared by the in-memory and the
+    subject-batched (:class:`BatchedStatistics`) paths so that both run the same math.
+
+    u = y - stand_mean - mod_mean is z before scaling (z = u / sqrt(var_pooled)), so z's per-site mean and sum
+    of squared deviations are u's divided by the scale and its square. ``constant``: (F,) features constant
+    over :func:`_variance_rows`; ``site_constant_u``: (S, F) u exactly constant within the site (its sum of
+    squares is then set to 0, leaving no rounding residue). ``site_mean_u``/``site_m2_u`` are overwritten.
+    """
+    S, ref, counts = design.n_sites, design.spec.reference, design.counts
+    passthrough = constant | (var_pooled == 0)
+    var_pooled = np.where(passthrough, 0.0, var_pooled)
     scale = np.sqrt(np.where(passthrough, 1.0, var_pooled))
-    z = (Y - grand_mean - mod) / scale
-    z[:, passthrough] = 0.0
-
-    F = Y.shape[1]
-    site_mean, site_ss = np.zeros((S, F)), np.zeros((S, F))
-    delta_hat = np.ones((S, F))
-    for j in range(S):
-        zj = z[codes == j]
-        site_mean[j] = zj.mean(axis=0)
-        dev = zj - site_mean[j]
-        ss = (dev ** 2).sum(axis=0)
-        ss[zj.max(axis=0) == zj.min(axis=0)] = 0.0  # exactly constant within the site: no rounding residue
-        site_ss[j] = ss
-        if not mean_only:
-            delta_hat[j] = ss / (counts[j] - 1.0)
+    # in place: the caller's u moments are scratch, and a block's (sites x voxels) arrays are the task's memory
+    site_mean = np.divide(site_mean_u, scale, out=site_mean_u)
+    site_ss = np.divide(site_m2_u, scale * scale, out=site_m2_u)
+    site_ss[site_constant_u] = 0.0
+    site_mean[:, passthrough] = 0.0
+    site_ss[:, passthrough] = 0.0
+    if mean_only:
+        delta_hat = np.ones_like(site_ss)
+    else:
+        delta_hat = site_ss / (counts[:, None] - 1.0)
     delta_hat[delta_hat == 0] = 1.0  # zero within-site variance: scale left alone (as neuroCombat)
     gamma_hat = site_mean.copy()
     if ref is not None:  # the reference column of the batch design is the intercept
@@ -418,6 +411,146 @@ def chunk_statistics(Y_chunk: np.ndarray, design: Design, *, mean_only: bool = F
                            var_pooled=var_pooled, passthrough=passthrough, site_mean=site_mean, site_ss=site_ss,
                            gamma_hat=gamma_hat, delta_hat=delta_hat, summary=summary, reference=ref,
                            mean_only=mean_only)
+
+
+def chunk_statistics(Y_chunk: np.ndarray, design: Design, *, mean_only: bool = False,
+                     feature_offset: int = 0) -> ChunkStatistics:
+    """One pass over a chunk of features (Y_chunk: n_subjects x F): per-feature estimates and the mergeable
+    moments of the hyper-priors. Pure: depends on no other chunk.
+
+    Pass-through features: constant across all subjects (with a reference site: across its subjects, whose
+    variance is the pooled one, so no scale can be defined). They get var_pooled = 0, are returned unchanged
+    by :func:`adjust_chunk` and are left out of the hyper-priors and of the non-parametric prior.
+
+    :class:`BatchedStatistics` computes the same statistics with the subjects read in batches."""
+    Y = np.asarray(Y_chunk, dtype=np.float64)
+    if Y.ndim != 2 or Y.shape[0] != design.matrix.shape[0]:
+        raise ValueError(f"Y_chunk must be (n_subjects={design.matrix.shape[0]}, n_features), got {Y.shape}")
+    _check_finite(Y, "the data", feature_offset)
+    check_design(design, mean_only=mean_only)
+    D, S, codes = design.matrix, design.n_sites, design.site_codes
+    rows = _variance_rows(design)
+
+    B_hat = np.linalg.solve(D.T @ D, D.T @ Y)
+    grand_mean = _stand_mean(B_hat, design)
+    resid = Y - D @ B_hat
+    var_pooled = (resid[rows] ** 2).sum(axis=0) / float(rows.sum())
+    basis = Y[rows]
+    constant = basis.max(axis=0) == basis.min(axis=0)
+
+    u = Y - grand_mean - D[:, S:] @ B_hat[S:]
+    F = Y.shape[1]
+    site_mean_u, site_m2_u = np.zeros((S, F)), np.zeros((S, F))
+    site_constant_u = np.zeros((S, F), bool)
+    for j in range(S):
+        uj = u[codes == j]
+        site_mean_u[j] = uj.mean(axis=0)
+        site_m2_u[j] = ((uj - site_mean_u[j]) ** 2).sum(axis=0)
+        site_constant_u[j] = uj.max(axis=0) == uj.min(axis=0)
+    return _finish_statistics(design, B_hat, grand_mean, var_pooled, constant, site_mean_u, site_m2_u,
+                              site_constant_u, mean_only=mean_only, feature_offset=feature_offset)
+
+
+class BatchedStatistics:
+    """:func:`chunk_statistics` of a chunk of F features whose subjects arrive in batches: two passes over
+    the batches, so that memory is O(batch x F) for the data plus O((sites + covariates) x F) for the
+    statistics, whatever the number of subjects (a voxel-wise fit reads one spatial block this way).
+
+    Pass 1, :meth:`add_regression` on every batch: D'Y, and which features vary over the rows that decide
+    pass-through; :meth:`solve` then gives B_hat and the stand_mean as chunk_statistics defines them.
+    Pass 2, :meth:`add_residuals` on every batch: the pooled variance's sum of squared residuals and, per site,
+    count/mean/M2 of u = y - stand_mean - mod_mean merged over batches with Chan et al.'s pairwise update
+    (numerically stable, unlike sums of squares), and whether u varies within the site.
+    :meth:`result` finishes with the very function chunk_statistics uses, so the two agree to rounding.
+
+    Each pass must see the subjects in order (a batch is rows ``start .. start + len(Y)`` of the design, the
+    next batch starts where it ends); within a batch the features may come in several calls (``features``,
+    e.g. sub-chunks), each (subject, feature) once per pass.
+    """
+
+    def __init__(self, design: Design, n_features: int, *, mean_only: bool = False, feature_offset: int = 0):
+        check_design(design, mean_only=mean_only)
+        S, F, width = design.n_sites, int(n_features), design.matrix.shape[1]
+        self.design, self.n_features, self.mean_only, self.feature_offset = design, F, mean_only, feature_offset
+        self._rows = _variance_rows(design)
+        # pass 1
+        self._DtY = np.zeros((width, F))
+        self._basis_first = np.zeros(F)  # value at the first pass-through-deciding row
+        self._basis_varies = np.zeros(F, bool)
+        self.B_hat: np.ndarray | None = None
+        self.grand_mean: np.ndarray | None = None
+        # pass 2
+        self._resid_ss = np.zeros(F)
+        self._site_mean_u = np.zeros((S, F))
+        self._site_m2_u = np.zeros((S, F))
+        self._site_first_u = np.zeros((S, F))  # first value and a flag: half the memory of a min and a max
+        self._site_varies_u = np.zeros((S, F), bool)
+
+    def _batch(self, start: int, Y: np.ndarray, features: slice) -> tuple[slice, np.ndarray]:
+        Y = np.asarray(Y, dtype=np.float64)
+        rows = slice(int(start), int(start) + Y.shape[0])
+        width = len(range(self.n_features)[features])
+        if Y.ndim != 2 or rows.stop > self.design.matrix.shape[0] or Y.shape[1] != width:
+            raise ValueError(f"batch of shape {Y.shape} at subject {start} does not fit the design "
+                             f"({self.design.matrix.shape[0]} subjects) and features {features}")
+        return rows, Y
+
+    def add_regression(self, start: int, Y: np.ndarray, features: slice = slice(None)) -> None:
+        """Pass 1 on subjects ``start .. start + len(Y)`` (Y: batch x features)."""
+        rows, Y = self._batch(start, Y, features)
+        _check_finite(Y, "the data", self.feature_offset + (features.start or 0), row_offset=rows.start)
+        self._DtY[:, features] += self.design.matrix[rows].T @ Y
+        basis = Y[self._rows[rows]]
+        if basis.shape[0]:
+            if not self._rows[:rows.start].any():  # the first deciding row is in this batch
+                self._basis_first[features] = basis[0]
+            self._basis_varies[features] |= (basis != self._basis_first[features]).any(axis=0)
+
+    def solve(self) -> None:
+        """End of pass 1: B_hat = (D'D)^-1 D'Y and the stand_mean (D'Y is freed)."""
+        D = self.design.matrix
+        self.B_hat = np.linalg.solve(D.T @ D, self._DtY)
+        self.grand_mean = _stand_mean(self.B_hat, self.design)
+        del self._DtY
+
+    def add_residuals(self, start: int, Y: np.ndarray, features: slice = slice(None)) -> None:
+        """Pass 2 on subjects ``start .. start + len(Y)`` (after :meth:`solve`)."""
+        if self.B_hat is None:
+            raise RuntimeError("add_residuals needs the regression: call add_regression on every batch, then solve")
+        rows, Y = self._batch(start, Y, features)
+        S = self.design.n_sites
+        D, B = self.design.matrix[rows], self.B_hat[:, features]
+        resid = Y - D @ B
+        self._resid_ss[features] += (resid[self._rows[rows]] ** 2).sum(axis=0)
+        del resid
+        u = Y - self.grand_mean[features] - D[:, S:] @ B[S:]
+        codes = self.design.site_codes[rows]
+        before = np.bincount(self.design.site_codes[:rows.start], minlength=S)  # subjects already merged
+        for j in np.unique(codes):
+            uj = u[codes == j]
+            nb, na = uj.shape[0], int(before[j])
+            mean_b = uj.mean(axis=0)
+            m2_b = ((uj - mean_b) ** 2).sum(axis=0)
+            mean, m2, first = (a[j, features] for a in (self._site_mean_u, self._site_m2_u, self._site_first_u))
+            if na == 0:
+                mean[...], m2[...], first[...] = mean_b, m2_b, uj[0]
+            else:  # Chan, Golub & LeVeque: merge (na, mean, m2) with the batch's (nb, mean_b, m2_b)
+                n = na + nb
+                delta = mean_b - mean
+                mean += delta * (nb / n)
+                m2 += m2_b + delta ** 2 * (na * nb / n)
+            self._site_varies_u[j, features] |= (uj != first).any(axis=0)
+
+    def result(self) -> ChunkStatistics:
+        """The chunk's statistics, as :func:`chunk_statistics` on all subjects at once (to rounding). Once: the
+        accumulators are handed over (finished in place), not copied."""
+        if self.B_hat is None or not hasattr(self, "_site_first_u"):
+            raise RuntimeError("result needs both passes over the subjects, and can be taken once")
+        del self._site_first_u
+        var_pooled = self._resid_ss / float(self._rows.sum())
+        return _finish_statistics(self.design, self.B_hat, self.grand_mean, var_pooled, ~self._basis_varies,
+                                  self._site_mean_u, self._site_m2_u, ~self._site_varies_u,
+                                  mean_only=self.mean_only, feature_offset=self.feature_offset)
 
 
 def concatenate_statistics(parts: Sequence[ChunkStatistics]) -> ChunkStatistics:

@@ -3,9 +3,10 @@ over a store's chunks.
 
 Every voxel inside the mask is one ComBat feature; voxels outside it pass through unchanged. The fit is
 the chunked fit of :mod:`harmonize.models.combat`: :func:`block_statistics` on each spatial block of
-the grid (all subjects, the block's mask voxels; a pure function that a Dask worker runs next to the
-data), then :meth:`VoxelComBat.fit_from_blocks` (hyper-priors pooled over all voxels, empirical Bayes,
-parameters). No step holds a subjects x voxels matrix: a block's statistics are O(sites x voxels).
+the grid (all subjects, read in batches of subjects, the block's mask voxels; a pure function that a Dask
+worker runs next to the data), then :meth:`VoxelComBat.fit_from_blocks` (hyper-priors pooled over all
+voxels, empirical Bayes, parameters). No step holds a subjects x voxels matrix, nor all subjects of a block:
+a block's statistics are O(sites x voxels).
 
 The fitted per-voxel parameters are kept on the template grid (``grand_mean (x, y, z)``, ``beta
 (covariate, x, y, z)``, ``var_pooled``, ``gamma_star``/``delta_star (site, x, y, z)``), so the parameters
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from safetensors.numpy import load_file, save_file
 from harmonize.io import schema as S
 from harmonize.models.base import HarmonizerBase
 from harmonize.models.combat import (
+    BatchedStatistics,
     ChunkStatistics,
     ComBatParameters,
     Design,
@@ -45,11 +47,16 @@ from harmonize.models.combat import (
 MODEL_KIND = "combat"
 # voxels per statistics sub-chunk: ComBat's working set is ~6 copies of subjects x this many float64 values
 SUBCHUNK_VOXELS = 16384
+# subjects per read of a block in the fit: a batch of a block is at most this many bytes as float64 (64 MiB: 32
+# subjects of a 64^3 block), so a worker's peak memory stays flat in the cohort size; larger cohorts cost a
+# second pass of reads (see block_statistics)
+SUBJECT_BATCH_BYTES = 64 << 20
 # non-parametric EB compares every voxel with every other: O(voxels^2) per site
 MAX_NONPARAMETRIC_VOXELS = 50_000
 DEFAULT_BLOCK = (64, 64, 64)
 
 Location = tuple[slice, slice, slice]
+BlockReader = Callable[[int, int], np.ndarray]  # read(a, b) -> one block of subjects a..b-1 (b - a, bx, by, bz)
 
 
 def covariate_frame(table: pd.DataFrame | xr.Dataset, columns: Sequence[str]) -> pd.DataFrame:
@@ -91,22 +98,78 @@ def block_locations(grid_shape: Sequence[int], block: Sequence[int], mask: np.nd
     return out
 
 
-def block_statistics(images: np.ndarray, mask_block: np.ndarray, design: Design, *, mean_only: bool = False,
-                     feature_offset: int = 0) -> ChunkStatistics:
-    """ComBat statistics of one spatial block: images (subjects, bx, by, bz), its mask voxels as features.
+def subject_batch(block_voxels: int) -> int:
+    """Subjects per read of a block in the fit: a fixed budget (:data:`SUBJECT_BATCH_BYTES`), not a fraction
+    of the cohort, so that a worker's memory does not grow with the number of subjects."""
+    return max(1, SUBJECT_BATCH_BYTES // (8 * max(int(block_voxels), 1)))
 
-    Processed in sub-chunks of :data:`SUBCHUNK_VOXELS` so that memory stays bounded whatever the block size.
+
+def _read_batch(read: BlockReader, a: int, b: int) -> np.ndarray:
+    images = np.asarray(read(a, b))
+    if images.shape[0] != b - a:
+        raise ValueError(f"the block reader returned {images.shape[0]} subjects for subjects {a}..{b - 1}")
+    return images
+
+
+def _mask_subchunks(images: np.ndarray, inside: np.ndarray, start: int) -> Iterator[tuple[slice, np.ndarray]]:
+    """The mask voxels of one read (subjects ``start ..``), sub-chunk by sub-chunk of :data:`SUBCHUNK_VOXELS`:
+    (feature slice, float64 subjects x voxels). Each sub-chunk is gathered on its own, so there is never a
+    (subjects x block) float64 copy; NaN/Inf inside the mask raises, naming the subjects' positions in the fit."""
+    k = images.shape[0]
+    flat = images.reshape(k, -1)
+    whole = inside.size == flat.shape[1]
+    for a in range(0, max(inside.size, 1), SUBCHUNK_VOXELS):
+        cols = slice(a, min(a + SUBCHUNK_VOXELS, inside.size))
+        values = flat[:, cols if whole else inside[cols]].astype(np.float64)
+        if not np.isfinite(values).all():  # the whole read, to name every bad subject in it
+            bad = np.flatnonzero(~np.isfinite(flat[:, inside]).all(axis=1)) + start
+            raise ValueError(f"{bad.size} subject(s) (positions {bad[:10].tolist()} of this fit) have NaN/Inf "
+                             "voxels inside the brain mask; re-ingest or exclude them")
+        yield cols, values
+
+
+def block_statistics(images: np.ndarray | BlockReader, mask_block: np.ndarray, design: Design, *,
+                     mean_only: bool = False, feature_offset: int = 0, batch: int | None = None) -> ChunkStatistics:
+    """ComBat statistics of one spatial block, its mask voxels as features. ``images``: the block of all
+    subjects (subjects, bx, by, bz), or a reader ``read(a, b)`` -> the block of subjects a..b-1.
+
+    The subjects are read ``batch`` at a time (default :func:`subject_batch`). When they all fit in one batch,
+    one read and :func:`chunk_statistics` on it (no more I/O than needed); otherwise two passes of reads feed
+    :class:`~harmonize.models.combat.BatchedStatistics` (the same statistics to rounding). Either way the mask
+    voxels go in sub-chunks of :data:`SUBCHUNK_VOXELS`, so the working set is O(batch x sub-chunk) values plus
+    the block's O((sites + covariates) x voxels) statistics, whatever the number of subjects.
     """
-    n = images.shape[0]
-    voxels = np.asarray(images).reshape(n, -1)[:, np.asarray(mask_block, bool).ravel()]
-    if not np.isfinite(voxels).all():
-        bad = np.flatnonzero(~np.isfinite(voxels).all(axis=1))
-        raise ValueError(f"{bad.size} subject(s) (positions {bad[:10].tolist()} of this fit) have NaN/Inf voxels "
-                         "inside the brain mask; re-ingest or exclude them")
-    parts = [chunk_statistics(voxels[:, a:a + SUBCHUNK_VOXELS].astype(np.float64), design, mean_only=mean_only,
-                              feature_offset=feature_offset + a)
-             for a in range(0, max(voxels.shape[1], 1), SUBCHUNK_VOXELS)]
-    return concatenate_statistics(parts)
+    mask_block = np.asarray(mask_block, bool)
+    inside = np.flatnonzero(mask_block.ravel())
+    n = design.matrix.shape[0]
+    read: BlockReader = images if callable(images) else (lambda a, b: images[a:b])
+    batch = subject_batch(mask_block.size) if batch is None else int(batch)
+    if batch < 1:
+        raise ValueError(f"the subject batch must be >= 1, got {batch}")
+    if batch >= n:
+        parts = [chunk_statistics(values, design, mean_only=mean_only, feature_offset=feature_offset + cols.start)
+                 for cols, values in _mask_subchunks(_read_batch(read, 0, n), inside, 0)]
+        return concatenate_statistics(parts)
+
+    def each_subchunk() -> Iterator[tuple[int, slice, np.ndarray]]:  # one pass of reads over the subjects
+        for a in range(0, n, batch):
+            for cols, values in _mask_subchunks(_read_batch(read, a, min(a + batch, n)), inside, a):
+                yield a, cols, values
+
+    statistics = BatchedStatistics(design, inside.size, mean_only=mean_only, feature_offset=feature_offset)
+    for a, cols, values in each_subchunk():
+        statistics.add_regression(a, values, cols)
+    statistics.solve()
+    for a, cols, values in each_subchunk():
+        statistics.add_residuals(a, values, cols)
+    return statistics.result()
+
+
+def _block_reader(images, location: Location) -> BlockReader:
+    """read(a, b): the block at ``location`` of subjects a..b-1 as numpy (a dask-backed cohort is read then)."""
+    def read(a: int, b: int) -> np.ndarray:
+        return np.asarray(images[(slice(a, b), *location)])
+    return read
 
 
 def _grid_blocks(dataset: xr.Dataset, block: Sequence[int] | None) -> tuple[int, int, int]:
@@ -163,7 +226,8 @@ class VoxelComBat(HarmonizerBase):
     def fit(self, dataset: xr.Dataset, progress: Callable[[dict], None] | None = None) -> VoxelComBat:
         """Fit on a cohort (`images`, `mask`, coordinates `site` and the covariates), block by block.
 
-        Reads one block of all subjects at a time, so a dask-backed (store) cohort is never loaded whole.
+        Reads one block of a batch of subjects at a time (see :func:`block_statistics`), so a dask-backed
+        (store) cohort is never loaded whole.
         """
         mask = np.asarray(dataset[S.MASK].values).astype(bool)
         sites = np.asarray(dataset[S.SITE].values).astype(str)
@@ -173,8 +237,8 @@ class VoxelComBat(HarmonizerBase):
         images = dataset[S.IMAGES].data
         stats, offset = [], 0
         for k, loc in enumerate(blocks):
-            block = np.asarray(images[(slice(None), *loc)])
-            stats.append(block_statistics(block, mask[loc], design, mean_only=self.mean_only, feature_offset=offset))
+            stats.append(block_statistics(_block_reader(images, loc), mask[loc], design, mean_only=self.mean_only,
+                                          feature_offset=offset))
             offset += int(mask[loc].sum())
             if progress:
                 progress({"step": k + 1, "steps": len(blocks)})
