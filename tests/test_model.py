@@ -65,6 +65,38 @@ def test_same_seed_same_model_and_global_rng_untouched(dataset):
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+def test_prefetching_loader_trains_the_same_model_as_inline_batches(dataset):
+    """The background loader draws the same batches in the same order: weights equal bit for bit."""
+    kw = dict(steps=8, eval_every=4, crop=10, seed=3, torch_threads=1, calibrate="none")
+    inline = InvariantHarmonizer(prefetch=0, **kw).fit(dataset)
+    ahead = InvariantHarmonizer(prefetch=3, **kw).fit(dataset)
+    assert inline.checksum_ == ahead.checksum_
+    assert inline.history_.loss == ahead.history_.loss
+
+
+def test_batch_prefetcher_order_errors_and_early_close():
+    import threading
+
+    from harmonize.models.invariant import BatchPrefetcher
+
+    counter = iter(range(1000))
+    loader = BatchPrefetcher(lambda: (np.array([next(counter)]),), depth=2)
+    assert [int(loader.next()[0][0]) for _ in range(5)] == [0, 1, 2, 3, 4]
+    loader.close()  # closed while the producer waits on a full queue: must not hang
+    assert not any(t.name == "harmonize-batches" and t.is_alive() for t in threading.enumerate())
+
+    def broken():
+        raise OSError("disk gone")
+
+    failing = BatchPrefetcher(broken, depth=2)
+    with pytest.raises(RuntimeError, match="training batch") as info:
+        failing.next()
+    assert isinstance(info.value.__cause__, OSError)
+    failing.close()
+    with pytest.raises(ValueError, match="prefetch"):
+        InvariantHarmonizer(prefetch=-1).fit(None)
+
+
 def test_early_stopping_keeps_the_best_validation_step(dataset):
     model = InvariantHarmonizer(steps=12, eval_every=3, patience=100, crop=10, seed=5,
                                 torch_threads=1).fit(dataset)

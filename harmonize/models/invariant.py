@@ -22,6 +22,8 @@ import hashlib
 import json
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -118,6 +120,70 @@ class PatchCVAE(nn.Module):
         return self.decoder(torch.cat([z, site, coords], dim=1))[:, 0] * log_bias.exp()
 
 
+def to_device(arrays: tuple, device: torch.device) -> tuple:
+    """A batch's numpy arrays as tensors on `device`; pinned host memory (see :class:`BatchPrefetcher`) is
+    copied asynchronously, so the copy overlaps with the GPU's work."""
+    return tuple(None if a is None else (a if isinstance(a, torch.Tensor) else torch.from_numpy(a))
+                 .to(device, non_blocking=True) for a in arrays)
+
+
+class BatchPrefetcher:
+    """Builds the next training batches in a background thread while the current step runs.
+
+    One producer calls `make` in order, so the batches (and the random draws behind them) are exactly those
+    of building them inline: training is the same, step for step, with any `depth`. depth 0 builds inline.
+    With `pin` (a CUDA device) the arrays are put in page-locked memory, which a host-to-GPU copy needs to be
+    asynchronous. numpy's copies and torch's kernels release the GIL, so the two threads overlap.
+    """
+
+    def __init__(self, make: Callable[[], tuple], depth: int = 2, pin: bool = False):
+        self._make, self._pin, self._depth = make, pin, int(depth)
+        self._error: BaseException | None = None
+        if self._depth > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=self._depth)
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._produce, name="harmonize-batches", daemon=True)
+            self._thread.start()
+
+    def _build(self) -> tuple:
+        arrays = self._make()
+        if self._pin:
+            arrays = tuple(None if a is None else torch.from_numpy(a).pin_memory() for a in arrays)
+        return arrays
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                item = self._build()
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # handed to the consumer, which raises it
+            self._error = error
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def next(self) -> tuple:
+        if self._depth <= 0:
+            return self._build()
+        item = self._queue.get()
+        if item is None:
+            raise RuntimeError("building a training batch failed") from self._error
+        return item
+
+    def close(self) -> None:
+        if self._depth > 0:
+            self._stop.set()
+            self._thread.join()
+
+
 def _covariate_matrix(ages: np.ndarray, sexes: np.ndarray) -> np.ndarray:
     """(n, c) float32 biological covariates for the site term: age (missing -> the mean) and one
     indicator per sex level beyond the first; columns without variation are left out."""
@@ -161,7 +227,7 @@ class InvariantHarmonizer(HarmonizerBase):
                  reference_site: str | None = None, max_subjects_per_site: int = 16,
                  val_fraction: float = 0.2, eval_every: int = 50, patience: int = 6, seed: int = 0,
                  device: str = "auto", amp: bool = True, logvar_min: float = -8.0, logvar_max: float = 4.0,
-                 torch_threads: int | None = None, calibrate: str = "combat"):
+                 torch_threads: int | None = None, calibrate: str = "combat", prefetch: int = 2):
         self.latent_dim = latent_dim
         self.channels = channels
         self.hidden = hidden
@@ -188,6 +254,7 @@ class InvariantHarmonizer(HarmonizerBase):
         self.logvar_max = logvar_max
         self.torch_threads = torch_threads
         self.calibrate = calibrate
+        self.prefetch = prefetch
 
     @property
     def _logvar_range(self) -> tuple[float, float]:
@@ -202,6 +269,8 @@ class InvariantHarmonizer(HarmonizerBase):
             raise ValueError("lam, beta and site_weight must be >= 0")
         if self.subjects_per_site < 1 or self.groups < 1:
             raise ValueError("groups and subjects_per_site must be >= 1")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 (batches built ahead; 0 builds them inline), got {self.prefetch}")
         if self.calibrate not in ("combat", "none"):
             raise ValueError(f"calibrate must be 'combat' or 'none', got {self.calibrate!r}")
 
@@ -333,11 +402,9 @@ class InvariantHarmonizer(HarmonizerBase):
                 ms.append(padded_mask[core])
                 cs.append(coords_full[(slice(None), *core)])
                 vs.append(covariates[who])
-            x = torch.from_numpy(np.stack(xs)).to(device)  # (G, B, c, c, c)
-            inside = torch.from_numpy(np.stack(ms).reshape(len(ms), -1)).to(device)  # (G, V)
-            coords = torch.from_numpy(np.stack(cs)).to(device)  # (G, n_coord, c', c', c')
-            cov = torch.from_numpy(np.stack(vs)).to(device) if covariates.shape[1] else None  # (G, B, c)
-            return x, inside, coords, cov
+            # (G, B, c, c, c) crops, (G, V) core masks, (G, n_coord, c', c', c') coordinates, (G, B, c) covariates
+            return (np.stack(xs), np.stack(ms).reshape(len(ms), -1), np.stack(cs),
+                    np.stack(vs) if covariates.shape[1] else None)
 
         module = self._new_module().to(device)
         optimizer = torch.optim.Adam(module.parameters(), lr=self.lr)
@@ -349,14 +416,32 @@ class InvariantHarmonizer(HarmonizerBase):
             train_pool = [np.flatnonzero(site_idx == s) for s in range(n_sites)]
         val_pool = [np.flatnonzero((site_idx == s) & val) for s in range(n_sites)]
         val_rng = np.random.default_rng(self.seed + 1)
-        val_batches = [batch(val_pool, val_rng) for _ in range(8)] if all(len(m) for m in val_pool) else []
+        val_batches = ([to_device(batch(val_pool, val_rng), device) for _ in range(8)]
+                       if all(len(m) for m in val_pool) else [])
+        loader = BatchPrefetcher(lambda: batch(train_pool, rng), self.prefetch, pin=device.type == "cuda")
         history = TrainingHistory()
+        try:
+            step, best_state = self._steps(module, optimizer, schedule, loader, val_batches, site_of_member, gen,
+                                           use_amp, device, history, progress)
+        finally:
+            loader.close()
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        history.stopped_at = step
+        module.eval()
+        self.model_ = module.to("cpu")
+        self.history_ = history
+
+    def _steps(self, module, optimizer, schedule, loader, val_batches, site_of_member, gen, use_amp, device,
+               history, progress) -> tuple[int, dict | None]:
+        """The optimization loop with early stopping on the validation loss; returns the last step and the
+        weights at the best validation loss (None without a validation split)."""
         best, best_state, bad = math.inf, None, 0
         step = 0
         terms_names = ("loss", "recon", "kl", "penalty", "site")
         for step in range(1, self.steps + 1):
             module.train()
-            terms = self._loss(module, *batch(train_pool, rng), site_of_member, gen, use_amp, device)
+            terms = self._loss(module, *to_device(loader.next(), device), site_of_member, gen, use_amp, device)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 5.0)
@@ -387,12 +472,7 @@ class InvariantHarmonizer(HarmonizerBase):
                     break
             elif progress and step % 10 == 0:
                 progress(report)
-        history.stopped_at = step
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        module.eval()
-        self.model_ = module.to("cpu")
-        self.history_ = history
+        return step, best_state
 
     def _loss(self, module, x, inside, coords, covariates, site_of_member, gen, use_amp, device) -> dict:
         """x (G, B, c, c, c) crops; inside (G, V) template mask of the crops' cores; coords (G, F, c', c', c');
