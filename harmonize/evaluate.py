@@ -178,6 +178,41 @@ def z_sample(models: dict[str, InvariantHarmonizer], volumes: np.ndarray, sites:
     return z, np.repeat(sites, n), np.repeat(np.arange(len(volumes)), n)
 
 
+def error_decomposition(vols: np.ndarray, truth: np.ndarray, mask: np.ndarray, sites: Sequence[str],
+                        age: np.ndarray, seed: int = 0) -> dict:
+    """Split each image's error against its ground truth into a site-systematic part and an individual part,
+    and score the truth plus the individual part alone.
+
+    Both images are scaled to their 99th percentile in the mask (as the scores are); the systematic part of
+    a site is the mean error of its subjects here, the individual part what is left. "Without the site
+    error" is truth + individual error: what any extra site correction on top of these images could reach
+    at best, so it separates what harmonization leaves (systematic) from what it cannot remove (per-scan
+    noise, blur, bias fields and contrast that vary within a site). A diagnostic on the test subjects:
+    it uses their truth and never enters a harmonizer.
+    """
+    sites = np.asarray(sites).astype(str)
+    inside = np.asarray(mask, bool)
+
+    def scaled(v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        return v / max(float(np.percentile(v[inside], 99)), 1e-12)
+
+    error = np.stack([scaled(v) - scaled(t) for v, t in zip(vols, truth, strict=True)])
+    systematic = np.zeros_like(error)
+    per_site = {}
+    for site in sorted(set(sites.tolist())):
+        rows = sites == site
+        systematic[rows] = error[rows].mean(axis=0)
+        per_site[site] = float(np.sqrt(np.mean(systematic[rows][0][inside] ** 2)))
+    individual = error - systematic
+    without = np.stack([scaled(t) for t in truth]) + individual
+    x = metrics.brain_matrix(without, mask, seed=seed)
+    return {"systematic_rms": per_site, "systematic_rms_mean": float(np.mean(list(per_site.values()))),
+            "individual_rms": float(np.sqrt(np.mean(individual[:, inside] ** 2))),
+            "without_site_error": {"site_accuracy": metrics.site_predictability(x, sites, seed=seed)["accuracy"],
+                                   "age_r2": metrics.age_r2(x, age, seed=seed)["r2"]}}
+
+
 def _score(vols: np.ndarray, truth: np.ndarray | None, mask: np.ndarray, sites: np.ndarray, age: np.ndarray,
            sex: np.ndarray, gm_region: np.ndarray, wm_region: np.ndarray, seed: int) -> dict:
     """One row of the table: site predictability, age R², sex effect and (given the truth) fidelity."""
@@ -189,6 +224,7 @@ def _score(vols: np.ndarray, truth: np.ndarray | None, mask: np.ndarray, sites: 
         "sex_effect": sex_effect([gm_wm_contrast(v, gm_region, wm_region) for v in vols], age, sex),
         "psnr": None if fid is None else float(np.mean([f["psnr"] for f in fid])),
         "corr": None if fid is None else float(np.mean([f["corr"] for f in fid])),
+        "errors": None if truth is None else error_decomposition(vols, truth, mask, sites, age, seed),
     }
 
 
@@ -403,6 +439,25 @@ def table_rows(numbers: dict) -> list[str]:
     return lines
 
 
+ERRORS_HEAD = ("Error against the ground truth, split (:func:`error_decomposition`): the site-systematic part (rms "
+               "of each site's mean error, images scaled to their 99th percentile) and the individual part; then "
+               "site accuracy and age R² of truth + individual error, i.e. with the site-systematic error removed "
+               "(the best any further site correction could do).\n\n"
+               "| images | systematic rms per site | individual rms | site acc. without it | age R² without it |\n"
+               "|---|---|---:|---:|---:|")
+
+
+def error_lines(numbers: dict) -> list[str]:
+    lines = [ERRORS_HEAD]
+    for name, row in numbers["rows"].items():
+        e = row.get("errors")
+        if e:
+            per_site = ", ".join(f"{k} {v:.3f}" for k, v in e["systematic_rms"].items())
+            lines.append(f"| {name} | {per_site} | {e['individual_rms']:.3f} | "
+                         f"{e['without_site_error']['site_accuracy']:.2f} | {e['without_site_error']['age_r2']:.2f} |")
+    return lines
+
+
 def targets_lines(target: dict) -> list[str]:
     lines = ["| target | value | threshold | pass |", "|---|---:|---:|---|"]
     for name, t in target.items():
@@ -422,6 +477,7 @@ def markdown(numbers: dict) -> str:
             f"z: {z['n_rows']} voxels of {z['n_subjects']} subjects, {z['folds']}-fold CV grouped by subject. "
             f"{numbers['timings_s']['total']:.0f} s.\n")
     return "\n".join([head, TABLE_HEAD, *table_rows(numbers), "", *targets_lines(numbers["targets"]), "",
+                      *error_lines(numbers), "",
                       f"![slices]({numbers['figures']['slices']}) ![intensities]"
                       f"({numbers['figures']['intensities']})", ""])
 
@@ -449,6 +505,12 @@ def summarize(results: Sequence[dict]) -> dict:
             "seam": stats(e["seam"] for e in entries),
             "z_linear": stats((e["z_site"] or {}).get("linear") for e in entries),
             "z_mlp": stats((e["z_site"] or {}).get("mlp") for e in entries),
+            "systematic_rms": stats((e.get("errors") or {}).get("systematic_rms_mean") for e in entries),
+            "individual_rms": stats((e.get("errors") or {}).get("individual_rms") for e in entries),
+            "site_accuracy_without_site_error": stats(
+                ((e.get("errors") or {}).get("without_site_error") or {}).get("site_accuracy") for e in entries),
+            "age_r2_without_site_error": stats(
+                ((e.get("errors") or {}).get("without_site_error") or {}).get("age_r2") for e in entries),
         }
     passes = {name: {"passed": int(sum(r["targets"][name]["pass"] for r in results)), "of": len(results),
                      "value": stats(r["targets"][name]["value"] for r in results
@@ -467,6 +529,14 @@ def summary_markdown(summary: dict) -> str:
     for name, r in summary["rows"].items():
         lines.append(f"| {name} | {ms(r['site_accuracy'])} | {ms(r['age_r2'])} | {ms(r['sex_ratio'])} | "
                      f"{ms(r['psnr'], '.1f')} | {ms(r['z_linear'])} | {ms(r['z_mlp'])} |")
+    lines += ["", "Error split (see evaluate.error_decomposition): site-systematic vs individual error, and the "
+              "scores of truth + individual error (the site-systematic error removed).", "",
+              "| images | systematic rms | individual rms | site acc. without it | age R² without it |",
+              "|---|---:|---:|---:|---:|"]
+    for name, r in summary["rows"].items():
+        if r.get("systematic_rms", {}).get("mean") is not None:
+            lines.append(f"| {name} | {ms(r['systematic_rms'], '.3f')} | {ms(r['individual_rms'], '.3f')} | "
+                         f"{ms(r['site_accuracy_without_site_error'])} | {ms(r['age_r2_without_site_error'])} |")
     lines += ["", "| target | configurations passing | value (mean ± sd) |", "|---|---:|---:|"]
     for name, t in summary["targets"].items():
         lines.append(f"| {name}: {t['rule']} | {t['passed']}/{t['of']} | {ms(t['value'], '.3g')} |")

@@ -62,6 +62,14 @@ def test_pipeline_runs_end_to_end_with_a_finite_number_in_every_row(evaluated):
     truth_line = next(line for line in table.splitlines() if line.startswith(f"| {ev.TRUTH} |"))
     assert "—" in truth_line and "inf" not in truth_line
     assert (out / "slices.png").stat().st_size > 0 and (out / "intensities.png").stat().st_size > 0
+    for name, row in numbers["rows"].items():  # the error split: every image but the truth itself
+        if name == ev.TRUTH:
+            assert row["errors"] is None
+        else:
+            e = row["errors"]
+            assert set(e["systematic_rms"]) == set(SITES) and _finite(e["individual_rms"])
+            assert _finite(e["without_site_error"]["site_accuracy"]) and _finite(e["without_site_error"]["age_r2"])
+    assert "systematic rms per site" in table
 
 
 def test_train_and_test_subjects_are_disjoint_and_every_site_is_in_both(evaluated):
@@ -168,6 +176,37 @@ def test_sex_effect_recovers_a_planted_coefficient():
     values = 2.0 - 0.01 * age + 0.3 * (sex == "M") + 0.05 * rng.standard_normal(200)
     effect = ev.sex_effect(values, age, sex)
     assert effect["coef"] == pytest.approx(0.3, abs=3 * effect["se"]) and effect["t"] > 10
+
+
+def test_error_decomposition_separates_a_planted_site_pattern_from_individual_noise():
+    """Images = truth + a fixed pattern per site + per-image noise: the split finds the pattern's size as the
+    systematic part, the noise as the individual part, and truth + individual error loses the site again."""
+    rng = np.random.default_rng(0)
+    shape, n_per_site, site_names = (12, 12, 10), 10, ("A", "B", "C")
+    mask = np.zeros(shape, bool)
+    mask[2:10, 2:10, 2:8] = True
+    sites = np.repeat(site_names, n_per_site)
+    age = rng.uniform(20, 70, sites.size)
+    anatomy = rng.uniform(0.5, 1.0, shape)
+    truth = np.stack([(anatomy + 0.05 * rng.standard_normal(shape)) * mask for _ in sites])
+    patterns = {s: 0.08 * rng.standard_normal(shape) for s in site_names}
+    noise = 0.01 * rng.standard_normal(truth.shape)
+    vols = np.stack([(t + patterns[s] + e) * mask for t, s, e in zip(truth, sites, noise, strict=True)])
+    # scale both to the 99th percentile as the function does, to know the planted sizes in its units
+    p99 = np.array([np.percentile(v[mask], 99) for v in vols])
+    t99 = np.array([np.percentile(t[mask], 99) for t in truth])
+    expected = {s: float(np.sqrt(np.mean(np.mean([(vols[i] / p99[i] - truth[i] / t99[i])
+                                                   for i in np.flatnonzero(sites == s)], axis=0)[mask] ** 2)))
+                for s in site_names}
+    out = ev.error_decomposition(vols, truth, mask, sites, age, seed=0)
+    for s in site_names:
+        assert out["systematic_rms"][s] == pytest.approx(expected[s], rel=1e-9)
+        assert out["systematic_rms"][s] > 0.06
+    assert 0.006 < out["individual_rms"] < 0.02  # the noise, not the pattern
+    from harmonize import metrics
+    planted = metrics.site_predictability(metrics.brain_matrix(vols, mask), sites)["accuracy"]
+    assert planted > 0.9  # the pattern gives the site away ...
+    assert out["without_site_error"]["site_accuracy"] < 0.6  # ... and without it the site is near chance (1/3)
 
 
 def test_cli_evaluate_help_and_bad_seeds(capsys):
