@@ -6,6 +6,7 @@ the caller records it and goes on with the rest of the cohort.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -27,6 +28,7 @@ class InputRejected(ValueError):
     """An input volume cannot be used; the message says which file, what is wrong and what to do."""
 
 
+_RAS_BYTES = np.eye(4).tobytes()
 _SAME_AXES = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])  # an orientation transform that changes nothing
 
 
@@ -115,11 +117,27 @@ def _rotation_degrees(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.degrees(np.arccos(cos)).max())
 
 
-def _to_reference(shown: str, shape, affine: np.ndarray, grid: Grid) -> np.ndarray:
-    """Axis flips/permutations (lossless) that bring the file onto the reference grid, or reject."""
-    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.io_orientation(grid.affine))
+@functools.lru_cache(maxsize=256)
+def _reorientation(shape: tuple[int, ...], affine_bytes: bytes, reference_bytes: bytes,
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """(transform, affine after it, shape after it) from a file's grid to the reference's axes. Cached: a
+    cohort's files share a handful of grids, and nibabel's orientation code (an SVD per call) was half of
+    each header check, done on the coordinator for every file before any task starts."""
+    affine = np.frombuffer(affine_bytes).reshape(4, 4)
+    reference = np.frombuffer(reference_bytes).reshape(4, 4)
+    transform = ornt.ornt_transform(ornt.io_orientation(affine), ornt.io_orientation(reference))
     new_affine = affine @ ornt.inv_ornt_aff(transform, shape)
     new_shape = tuple(int(shape[int(ax)]) for ax in transform[:, 0].argsort())
+    for array in (transform, new_affine):
+        array.setflags(write=False)  # shared by every caller of the cache
+    return transform, new_affine, new_shape
+
+
+def _to_reference(shown: str, shape, affine: np.ndarray, grid: Grid) -> np.ndarray:
+    """Axis flips/permutations (lossless) that bring the file onto the reference grid, or reject."""
+    transform, new_affine, new_shape = _reorientation(
+        tuple(int(n) for n in shape), np.asarray(affine, dtype=np.float64).tobytes(),
+        np.asarray(grid.affine, dtype=np.float64).tobytes())
     if new_shape != tuple(grid.shape) or not np.allclose(new_affine, grid.affine, atol=AFFINE_ATOL_MM):
         vox = np.sqrt((new_affine[:3, :3] ** 2).sum(axis=0))
         ref_vox = np.asarray(grid.voxel_size)
@@ -177,10 +195,10 @@ def native_grid(path: str | os.PathLike, shown: str | None = None) -> Grid:
     shown = shown or str(path)
     _, shape, affine = _usable(path, shown)
 
-    def step():
-        to_ras = ornt.ornt_transform(ornt.io_orientation(affine), ornt.axcodes2ornt("RAS"))
-        ras_shape = tuple(int(shape[int(ax)]) for ax in to_ras[:, 0].argsort())
-        return Grid(ras_shape, affine @ ornt.inv_ornt_aff(to_ras, shape))
+    def step():  # RAS+ is the orientation of an identity affine
+        _, ras_affine, ras_shape = _reorientation(tuple(int(n) for n in shape),
+                                                  np.asarray(affine, dtype=np.float64).tobytes(), _RAS_BYTES)
+        return Grid(ras_shape, np.array(ras_affine))
     return _interpreted(path, shown, step)
 
 
