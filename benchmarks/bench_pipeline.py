@@ -940,6 +940,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", nargs="+", default=["apply", "ingest", "memory", "train", "profile"],
                         choices=["apply", "ingest", "memory", "train", "profile"])
     parser.add_argument("--no-combat", action="store_true", help="skip the ComBat fit in the memory part")
+    parser.add_argument("--memory-stages", nargs="+", choices=["ingest", "apply", "combat"],
+                        default=["ingest", "apply", "combat"],
+                        help="stages of the memory part (ingest always runs: the others read its store)")
     parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure the proposed fixes (default: on, off with --quick)")
     parser.add_argument("--render-only", action="store_true",
@@ -1101,7 +1104,11 @@ def main(argv: list[str] | None = None) -> int:
     # ---- memory vs cohort size ---------------------------------------------------------------------------
     if "memory" in args.parts:
         rows = []
-        stages = ["ingest", "apply"] + ([] if args.no_combat else ["combat"])
+        stages = [st for st in ("ingest", "apply", "combat") if st in args.memory_stages]
+        if args.no_combat and "combat" in stages:
+            stages.remove("combat")
+        if "ingest" not in stages:  # the other stages read the store that ingest writes
+            stages.insert(0, "ingest")
         for n in cfg["sizes"]:
             st = str(work / f"scale{n}.zarr")
             for stage in stages:
@@ -1112,7 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "model": model, "malloc": "glibc"}, jobs_dir,
                             f"memory apply, one task per subject + glibc malloc, n={n}")
                 rows.append(r)
-            if n == cfg["sizes"][-1] and "combat" in stages:  # fix 4: a block that keeps subjects x block flat
+            if n == cfg["sizes"][-1] and "combat" in stages and cfg["variants"]:  # fix 4 (before subject batching)
                 side = max(8, int(round((cfg["sizes"][0] / n) ** (1 / 3) * 64 / 8)) * 8)
                 block = [side, side, max(8, (64**3 * cfg["sizes"][0] // n) // side // side)]
                 r = run_job("scale", {"stage": "combat", "n": n, "workers": 2, "store": st, "model": model,
