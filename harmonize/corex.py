@@ -28,7 +28,10 @@ How this differs from the reference, and why:
   *relative* tolerance on the objective (the reference's absolute ``tol=1e-5`` is below float32 resolution once
   TC is in the thousands, i.e. at large p): a stage ends when the last step changed TC by at most ``tol`` and
   the quasi-Newton model predicts no more from the next one.  The intermediate annealing stages, which only
-  seed the next one, use the looser ``anneal_tol`` and hand their curvature pairs on to the next stage.
+  seed the next one, use the looser ``anneal_tol`` and hand their curvature pairs on to the next stage.  For
+  float32 data the two products with the data run in float32 (the data's own precision, as in the reference),
+  the objective and gradient around them in float64: twice as fast, and the optimum is the float64 fit's to
+  ~1e-7 (tests).
 * **One streaming pass over the data per evaluation, no p x p matrix, no copy of the data.**  Everything the
   objective needs depends on the data only through ``C``, i.e. through any ``R`` with ``R^T R = x^T x``.  For
   wide data (n <= p) ``R`` is the standardized data itself, standardized chunk by chunk from the caller's array
@@ -394,7 +397,16 @@ class _Design:
             self.folded = False
         width = chunk_columns or max(8, budget // (8 * self.rows))
         self.width = int(min(width, p))
+        # float32 data: the two big products of each evaluation run in float32 on a standardized float32 copy of
+        # the chunk (as precise as the data; the reference computes everything in float32), while the objective,
+        # the gradient and every sum over features stay float64.  Half the bytes and twice the BLAS rate of
+        # casting each chunk to float64: the evaluation at n = 500, p = 50,000 takes ~2x less time.
+        self.single = self.wide and arr.dtype == np.float32
         self._buffer = torch.empty(self.rows, self.width, dtype=_DTYPE, device=device) if self.wide else None
+        if self.single:
+            self._mean32 = self.mean.to(torch.float32)
+            self._inv_scale32 = self.inv_scale.to(torch.float32)
+            self._buffer32 = torch.empty(self.rows, self.width, dtype=torch.float32, device=device)
         k = torch.zeros(self.rows, self.rows, dtype=_DTYPE, device=device)
         for _, rc in self.chunks():
             k.addmm_(rc, rc.T)
@@ -443,6 +455,17 @@ class _Design:
                 yield sl, self._raw_chunk(sl, copy=False)
             else:
                 yield sl, self._raw_chunk(sl, copy=True).sub_(self.mean[sl]).mul_(self.inv_scale[sl])
+
+    def chunks32(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(column slice, R[:, slice] standardized in float32), for float32 data (``self.single``); the same
+        reused buffer each time."""
+        assert self._x is not None and self.single
+        for sl in _column_chunks(self.p, self.width):
+            block = self._buffer32[:, : sl.stop - sl.start]
+            block.copy_(self._x[:, sl])
+            if self._has_nan:
+                torch.where(torch.isnan(block), self._mean32[sl], block, out=block)
+            yield sl, block.sub_(self._mean32[sl]).mul_(self._inv_scale32[sl])
 
     def image(self, e: torch.Tensor) -> torch.Tensor:
         """``e R^T`` (m x rows) for an explicit (m x p) array."""
@@ -571,7 +594,8 @@ def _evaluate(design: _Design, v: _Vec, eps: float, want_grad: bool = True, keep
     bmat = (a / n) * xv  # (m, rows): V C = bmat R + e2 E
     if e2:
         bmat = bmat + e2 * v.z
-    folded = design.folded
+    single = design.single
+    folded = design.folded and not single
     m = v.z.shape[0]
     dev = design.device
     # Row scaling by c folded into the left factor: rho = diag(c) (B R_c + e2 E_c).
@@ -590,8 +614,11 @@ def _evaluate(design: _Design, v: _Vec, eps: float, want_grad: bool = True, keep
         g1 = torch.zeros(m, dtype=_DTYPE, device=dev)
         gry = torch.zeros(m, m, dtype=_DTYPE, device=dev)
         grho_all = torch.empty(m, design.p, dtype=_DTYPE, device=dev) if e2 else None
-    for sl, rc in design.chunks(folded=True):
-        rho = bmat_c @ rc
+    if single:
+        bmat_c32 = bmat_c.to(torch.float32)
+        p_acc32 = torch.empty(m, design.rows, dtype=torch.float32, device=dev) if want_grad else None
+    for sl, rc in design.chunks32() if single else design.chunks(folded=True):
+        rho = (bmat_c32 @ rc).to(_DTYPE) if single else bmat_c @ rc
         if folded:
             rho.addmm_(bsum_c, mean[None, sl], alpha=-1.0).mul_(inv_scale[sl])
         if use_e:
@@ -613,7 +640,10 @@ def _evaluate(design: _Design, v: _Vec, eps: float, want_grad: bool = True, keep
         neg_g.div_(om.mul_(om))
         g1 -= torch.linalg.vecdot(neg_g, rho, dim=1)  # sum_i G_rho rho_ji = c_j sum_i G_rho (VC)_ji
         gry.addmm_(rr * inv_b, rr.T)
-        if folded:
+        if single:
+            torch.mm(neg_g.to(torch.float32), rc.T, out=p_acc32)
+            p_acc.sub_(p_acc32)
+        elif folded:
             gs = neg_g * inv_scale[sl]
             p_acc.addmm_(gs, rc.T, alpha=-1.0)
             p_corr.addmv_(gs, mean[sl], alpha=-1.0)
@@ -871,7 +901,8 @@ class LinearCorex:
         missing_values: ``None`` rejects NaNs with a ValueError; ``"impute"`` replaces them by the column
             means (of the training data, also in ``transform``), without modifying the caller's array.
         seed: seed of the private generator used for the random initialization.
-        device: torch device to compute on (``"cpu"``, ``"cuda"``, ``"cuda:1"``...); everything is float64.
+        device: torch device to compute on (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).  Everything is float64
+            except, for float32 data, the two products with the data in each evaluation (see ``_Design``).
         history_size: L-BFGS curvature pairs kept in the annealing stages (memory: about 2 * history_size * m * p
             * 8 bytes); the final stage keeps at least 20, which costs no memory there (see ``_fit``).
         chunk_columns: data columns per streamed chunk (default: a cache-sized chunk on the CPU, large on a GPU).

@@ -179,8 +179,8 @@ def _design_case(case: str) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("eps", [0.0, 0.36])
 def test_streamed_evaluation_matches_explicit_objective_and_autograd(case: str, eps: float) -> None:
     """The one-pass evaluator (chunks of 5 columns, factored vectors, hand-derived gradient) equals the explicit
-    formula and its autograd gradient, for every data path: float64 view, float32 cast, NaN imputation, large
-    offsets (centered chunks), tall data (Cholesky factor)."""
+    formula and its autograd gradient, for every data path: float64 view, float32 products (to float32
+    precision), NaN imputation, large offsets (centered chunks), tall data (Cholesky factor)."""
     x, x64 = _design_case(case)
     mean, scale, has_nan = _column_stats(x, "impute")
     design = _Design(x, mean, scale, has_nan, torch.device("cpu"), chunk_columns=5)
@@ -202,12 +202,16 @@ def test_streamed_evaluation_matches_explicit_objective_and_autograd(case: str, 
     expected = _objective_from_free(torch.as_tensor(xs), v_explicit, eps)
     expected.backward()
     got = _evaluate(design, v, eps)
-    assert got.tc == pytest.approx(float(expected.detach()), rel=1e-10)
+    # float32 data: the data products run in float32 (the data's own precision), the rest in float64
+    assert design.single == (case == "float32")
+    rel = 1e-6 if design.single else 1e-10
+    assert got.tc == pytest.approx(float(expected.detach()), rel=rel)
     grad = got.grad.z @ r + (got.grad.e if got.grad.e is not None else 0.0)
     scale_g = float(v_explicit.grad.abs().max())
-    np.testing.assert_allclose(grad.numpy(), v_explicit.grad.numpy(), rtol=0, atol=1e-9 * scale_g)
-    # inner products and images of factored vectors need no pass over the data, and are exact
-    assert v.dot(got.grad) == pytest.approx(float((v_explicit.detach() * grad).sum()), rel=1e-10)
+    np.testing.assert_allclose(grad.numpy(), v_explicit.grad.numpy(), rtol=0, atol=10 * rel * scale_g)
+    # inner products and images of factored vectors need no pass over the data, and are exact (to the precision
+    # of the products that built the gradient's image)
+    assert v.dot(got.grad) == pytest.approx(float((v_explicit.detach() * grad).sum()), rel=rel)
     np.testing.assert_allclose(v.image().numpy(), (v_explicit.detach() @ r.T).numpy(), rtol=1e-10, atol=1e-10)
 
 
@@ -294,6 +298,25 @@ def test_matches_reference_on_modular_data() -> None:
     # Our log-likelihood (Woodbury, factors only) is exactly the Gaussian density of the dense covariance.
     dense = _dense_loglik(x_test, ours.mean_, ours.get_covariance())
     np.testing.assert_allclose(ours.score_samples(x_test), dense, rtol=1e-9)
+
+
+def test_float32_data_reach_the_float64_optimum() -> None:
+    """float32 input runs the data products in float32 (2x faster); the optimum it reaches, re-scored in
+    float64, is the float64 fit's to 1e-6 relative, with the same clusters and loadings."""
+    m = 20
+    x, _, groups = _modular(500, 1000, m, seed=0)
+    x32 = x.astype(np.float32)
+    fit64 = LinearCorex(n_hidden=m, seed=0).fit(x32.astype(np.float64))
+    fit32 = LinearCorex(n_hidden=m, seed=0).fit(x32)
+    rescored = corex_moments(torch.as_tensor(_standardize(x32.astype(np.float64))), torch.as_tensor(fit32.weights_))
+    print(f"\nTC float64 fit {fit64.tc_:.8f}, float32 fit {fit32.tc_:.8f} (re-scored {rescored.tc:.8f}); "
+          f"evaluations {fit64.n_evals_} vs {fit32.n_evals_}")
+    assert rescored.tc == pytest.approx(fit64.tc_, rel=1e-6)
+    assert fit32.tc_ == pytest.approx(fit64.tc_, rel=1e-6)
+    assert adjusted_rand_score(fit64.clusters_, fit32.clusters_) == 1.0
+    assert adjusted_rand_score(groups, fit32.clusters_) == 1.0
+    # loadings agree to what tol=1e-8 on TC pins down (the optimum is flat along small loadings)
+    np.testing.assert_allclose(np.abs(fit32.loadings_), np.abs(fit64.loadings_), atol=2e-3)
 
 
 @pytest.mark.slow
