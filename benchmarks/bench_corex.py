@@ -167,7 +167,9 @@ def _table(rows: list[dict], pairs: list[dict]) -> str:
             lines.append(f"| {r['p']:,} | {r['impl']} | {why} | | | | | | | |")
             continue
         evals = f" ({r['evaluations']})" if "evaluations" in r else ""
-        name = "harmonize.corex (torch; float32 data products, float64 objective)" if r["impl"] == "ours" else "linearcorex 0.53 (numpy, float32)"
+        name = (
+            "harmonize.corex (torch; float32 data products, float64 objective)" if r["impl"] == "ours"
+            else "linearcorex 0.53 (numpy, float32)")
         lines.append(f"| {r['p']:,} | {name} | {r['fit_wall_s']:.1f} | {r['fit_cpu_s']:.1f} | "
                      f"{r['peak_rss_mib']:.0f} | {r['fit_peak_increment_mib']:.0f} | {r['tc_reported']:.4f} | "
                      f"{r['tc_float64']:.4f} | {r['ari_vs_planted']:.4f} | {r['iterations']}{evals} |")
