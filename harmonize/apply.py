@@ -49,7 +49,8 @@ def cached_model(model_dir: str, checksum: str):
     with _CACHE_LOCK:
         model = _CACHE.get(checksum)
         if model is None:
-            model = load_model(model_dir)
+            # "auto": on a GPU worker the model runs on its GPU (chosen here, inside the worker), else on CPU
+            model = load_model(model_dir, device="auto")
             if model.checksum_ != checksum:
                 raise RuntimeError(f"model at {model_dir} changed while applying (checksum "
                                    f"{model.checksum_}, expected {checksum}); rerun apply")

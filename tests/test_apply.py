@@ -85,3 +85,23 @@ def test_export_round_trip_keeps_original_affine(small_store, fitted_model, tmp_
         np.testing.assert_array_equal(back, ds[S.HARMONIZED].values[i])
         assert img.header["descrip"].tobytes().strip(b"\x00") == b""  # nothing copied from any source header
     assert (tmp_path / "derivatives" / "dataset_description.json").exists()
+
+
+def test_worker_loads_the_model_on_its_own_device(fitted_model, monkeypatch):
+    """Apply tasks load the model with device='auto', so a GPU worker runs it on its GPU (select_device, inside
+    the worker); a fixed 'cpu' would leave the GPU idle while the task sits on the GPU worker."""
+    from harmonize.models import model_checksum
+
+    asked: list[str] = []
+
+    def recording(path, device="cpu"):
+        asked.append(device)
+        return load_model(path, device=device)
+
+    monkeypatch.setattr(apply_mod, "load_model", recording)
+    monkeypatch.setattr(apply_mod, "_CACHE", {})
+    model = apply_mod.cached_model(str(fitted_model), model_checksum(str(fitted_model)))
+    assert asked == ["auto"]
+    from harmonize.models.invariant import select_device
+
+    assert next(model.model_.parameters()).device == select_device("auto")
