@@ -106,6 +106,16 @@ def test_early_stopping_keeps_the_best_validation_step(dataset):
     assert model.val_subjects_ and not set(model.val_subjects_) & set(model.train_subjects_)
 
 
+def test_early_stopping_stops_after_patience_evaluations_without_gain(dataset):
+    """A learning rate too small to move the validation loss by the required 1e-4 (relative): the first
+    evaluation is the best, and training stops `patience` evaluations later, long before `steps`."""
+    model = InvariantHarmonizer(steps=60, eval_every=3, patience=2, crop=10, seed=5, lr=1e-12,
+                                torch_threads=1).fit(dataset)
+    h = model.history_
+    assert h.val_step == [3, 6, 9] and h.stopped_at == 9 and h.best_step == 3
+    assert max(h.val_loss) - min(h.val_loss) <= 1e-4 * abs(h.val_loss[0])
+
+
 def test_blocks_with_halo_equal_whole_volume(fitted_model, dataset):
     """Chunk + halo in, chunk out: stitched chunks equal the unchunked result (no seams)."""
     model = load_model(fitted_model)
