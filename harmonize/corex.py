@@ -263,7 +263,9 @@ def _column_chunks(p: int, width: int) -> Iterator[slice]:
 
 
 def _numpy_chunk_width(n: int) -> int:
-    return max(16, (8 * 2**20) // (8 * max(n, 1)))
+    # 2 MiB float64 blocks: the column statistics hold ~3 such temporaries, which at p = 10,000 (n = 500) were
+    # most of the fit's memory high-water mark with 8 MiB blocks
+    return max(16, (2 * 2**20) // (8 * max(n, 1)))
 
 
 def _column_stats(arr: np.ndarray, missing_values: str | None, name: str = "x") -> tuple[np.ndarray, np.ndarray, bool]:
@@ -277,13 +279,14 @@ def _column_stats(arr: np.ndarray, missing_values: str | None, name: str = "x") 
     n_nan = 0
     max_abs = np.empty(p)
     for sl in _column_chunks(p, _numpy_chunk_width(n)):
-        block = np.asarray(arr[:, sl], dtype=np.float64)  # a chunk-sized copy; the caller's array is untouched
+        block = np.array(arr[:, sl], dtype=np.float64)  # a chunk-sized copy (changed below); never the caller's
         inf = np.isinf(block)
         if inf.any():
             inf_cols.append(np.flatnonzero(inf.any(axis=0)) + sl.start)
             continue
         nan = np.isnan(block)
-        if nan.any():
+        has_nan = bool(nan.any())
+        if has_nan:
             n_nan += int(nan.sum())
             nan_cols.append(np.flatnonzero(nan.any(axis=0)) + sl.start)
             empty = nan.all(axis=0)
@@ -292,15 +295,16 @@ def _column_stats(arr: np.ndarray, missing_values: str | None, name: str = "x") 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns are reported below
                 mu = np.nanmean(block, axis=0)
-            centered = np.where(nan, 0.0, block - mu)
         else:
             mu = block.mean(axis=0)
-            centered = block - mu
         mean[sl] = mu
+        max_abs[sl] = np.nanmax(np.abs(block), axis=0, initial=0.0)
+        centered = np.subtract(block, mu, out=block)  # in place: block is our own copy
+        if has_nan:
+            centered[nan] = 0.0
         # ddof=0 over the (imputed) column so that every standardized column has variance exactly 1, which the
         # objective assumes (and the argument for |rho| < 1 relies on).
-        scale[sl] = np.sqrt((centered * centered).mean(axis=0))
-        max_abs[sl] = np.nanmax(np.abs(block), axis=0, initial=0.0)
+        scale[sl] = np.sqrt(np.square(centered, out=centered).mean(axis=0))
     if inf_cols:
         raise ValueError(f"{name} contains infinite values in column(s) {_describe_columns(np.concatenate(inf_cols))}")
     if nan_cols and missing_values is None:
