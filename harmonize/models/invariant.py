@@ -151,24 +151,22 @@ class BatchPrefetcher:
             arrays = tuple(None if a is None else torch.from_numpy(a).pin_memory() for a in arrays)
         return arrays
 
+    def _put(self, item) -> None:
+        """Queue `item`, waiting for room, unless the consumer closed the loader meanwhile."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def _produce(self) -> None:
         try:
             while not self._stop.is_set():
-                item = self._build()
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(self._build())
         except BaseException as error:  # handed to the consumer, which raises it
             self._error = error
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(None, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            self._put(None)
 
     def next(self) -> tuple:
         if self._depth <= 0:
