@@ -410,6 +410,10 @@ class _Design:
         if self.single:
             self._mean32 = self.mean.to(torch.float32)
             self._inv_scale32 = self.inv_scale.to(torch.float32)
+            # The chunks are centred on the float32-rounded mean; what that rounding leaves, per column, is a
+            # constant (float64, exact) that _evaluate adds back on the small side of its products (rank one), so
+            # that columns far from zero stay exactly centred (their |mean| / std can be ~1e4 and more).
+            self.offset32 = (self._mean32.to(_DTYPE) - self.mean) * self.inv_scale
             self._buffer32 = torch.empty(self.rows, self.width, dtype=torch.float32, device=device)
         k = torch.zeros(self.rows, self.rows, dtype=_DTYPE, device=device)
         for _, rc in self.chunks():
@@ -618,11 +622,16 @@ def _evaluate(design: _Design, v: _Vec, eps: float, want_grad: bool = True, keep
         g1 = torch.zeros(m, dtype=_DTYPE, device=dev)
         gry = torch.zeros(m, m, dtype=_DTYPE, device=dev)
         grho_all = torch.empty(m, design.p, dtype=_DTYPE, device=dev) if e2 else None
-    if single:
+    if single:  # R = R32 + 1 offset^T: B R = B R32 + (B 1) offset^T, G R^T = G R32^T + (G offset) 1^T
         bmat_c32 = bmat_c.to(torch.float32)
+        bsum_c = bmat_c.sum(dim=1, keepdim=True)
+        offset = design.offset32
         p_acc32 = torch.empty(m, design.rows, dtype=torch.float32, device=dev) if want_grad else None
     for sl, rc in design.chunks32() if single else design.chunks(folded=True):
-        rho = (bmat_c32 @ rc).to(_DTYPE) if single else bmat_c @ rc
+        if single:
+            rho = (bmat_c32 @ rc).to(_DTYPE).addmm_(bsum_c, offset[None, sl])
+        else:
+            rho = bmat_c @ rc
         if folded:
             rho.addmm_(bsum_c, mean[None, sl], alpha=-1.0).mul_(inv_scale[sl])
         if use_e:
@@ -647,6 +656,7 @@ def _evaluate(design: _Design, v: _Vec, eps: float, want_grad: bool = True, keep
         if single:
             torch.mm(neg_g.to(torch.float32), rc.T, out=p_acc32)
             p_acc.sub_(p_acc32)
+            p_corr.addmv_(neg_g, offset[sl])
         elif folded:
             gs = neg_g * inv_scale[sl]
             p_acc.addmm_(gs, rc.T, alpha=-1.0)
@@ -660,6 +670,8 @@ def _evaluate(design: _Design, v: _Vec, eps: float, want_grad: bool = True, keep
         return _Evaluation(float(tc), None, s, rho_all)
     if folded:
         p_acc.sub_(p_corr[:, None])  # (G / scale) (X - 1 mean^T)^T = (G / scale) X^T - ((G / scale) mean) 1^T
+    elif single:
+        p_acc.sub_(p_corr[:, None])  # minus G_rho (R32 + 1 offset^T)^T: the offset's part
     p_acc.mul_(c[:, None])  # P = diag(c) G_rho R^T
     g1 = g1 / c
     g_ry = -0.5 * gry
@@ -906,7 +918,8 @@ class LinearCorex:
             means (of the training data, also in ``transform``), without modifying the caller's array.
         seed: seed of the private generator used for the random initialization.
         device: torch device to compute on (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).  Everything is float64
-            except, for float32 data, the two products with the data in each evaluation (see ``_Design``).
+            except, for float32 data with n <= p, the two products with the data in each evaluation (see
+            ``_Design``).
         history_size: L-BFGS curvature pairs kept in the annealing stages (memory: about 2 * history_size * m * p
             * 8 bytes); the final stage keeps at least 20, which costs no memory there (see ``_fit``).
         chunk_columns: data columns per streamed chunk (default: a cache-sized chunk on the CPU, large on a GPU).

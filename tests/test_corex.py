@@ -170,12 +170,14 @@ def _design_case(case: str) -> tuple[np.ndarray, np.ndarray]:
         x = x + 1e6
     if case == "float32":
         x = x.astype(np.float32)
+    if case == "offset32":  # float32 far from zero: centred on the float32-rounded mean, the rest added back exactly
+        x = (x + 3e4).astype(np.float32)
     if case == "nan":
         x[1, 3] = x[4, 30] = np.nan
     return x, x.astype(np.float64)
 
 
-@pytest.mark.parametrize("case", ["float64", "float32", "nan", "offset", "tall"])
+@pytest.mark.parametrize("case", ["float64", "float32", "offset32", "nan", "offset", "tall"])
 @pytest.mark.parametrize("eps", [0.0, 0.36])
 def test_streamed_evaluation_matches_explicit_objective_and_autograd(case: str, eps: float) -> None:
     """The one-pass evaluator (chunks of 5 columns, factored vectors, hand-derived gradient) equals the explicit
@@ -185,7 +187,7 @@ def test_streamed_evaluation_matches_explicit_objective_and_autograd(case: str, 
     mean, scale, has_nan = _column_stats(x, "impute")
     design = _Design(x, mean, scale, has_nan, torch.device("cpu"), chunk_columns=5)
     assert design.wide == (case != "tall")
-    if case == "offset":
+    if case in ("offset", "offset32"):
         assert not design.folded
     elif case != "tall":
         assert design.folded
@@ -203,7 +205,7 @@ def test_streamed_evaluation_matches_explicit_objective_and_autograd(case: str, 
     expected.backward()
     got = _evaluate(design, v, eps)
     # float32 data: the data products run in float32 (the data's own precision), the rest in float64
-    assert design.single == (case == "float32")
+    assert design.single == (case in ("float32", "offset32"))
     rel = 1e-6 if design.single else 1e-10
     assert got.tc == pytest.approx(float(expected.detach()), rel=rel)
     grad = got.grad.z @ r + (got.grad.e if got.grad.e is not None else 0.0)
