@@ -152,3 +152,17 @@ def test_missing_participants_file_is_a_clear_error(tmp_path):
     (tmp_path / "sub-01" / "anat").mkdir(parents=True)
     with pytest.raises(CohortError, match="participants.tsv is missing"):
         ingest(tmp_path, tmp_path / "s.zarr", None, progress=False)
+
+
+def test_uncompressed_volume_is_read_into_memory_not_mapped(tmp_path):
+    """A .nii's voxels are read, not memory-mapped: a file truncated while its volume is in use must not be able
+    to kill the worker (SIGBUS) after the checks passed."""
+    from harmonize.io.nifti import native_grid, read_volume
+
+    path = tmp_path / "sub-01_T1w.nii"
+    data = np.random.default_rng(0).random((8, 9, 10)).astype(np.float32) + 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    volume, _ = read_volume(path, native_grid(path))
+    assert type(volume) is np.ndarray and not isinstance(volume, np.memmap)
+    path.write_bytes(b"")  # the source goes away; the volume read before is intact
+    np.testing.assert_array_equal(volume, data)

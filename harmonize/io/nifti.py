@@ -58,7 +58,9 @@ def _load_image(path: Path, shown: str) -> nib.Nifti1Image:
         raise InputRejected(f"{shown}: is empty (0 bytes). The copy or conversion failed; "
                             "re-export or re-copy the file and re-run ingest.")
     try:
-        img = nib.load(str(path))
+        # mmap=False: an uncompressed file's voxels are read into memory, never left mapped (a file truncated
+        # or replaced while its volume is in use would otherwise kill the worker with SIGBUS)
+        img = nib.load(str(path), mmap=False)
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise InputRejected(f"{shown}: not a readable NIfTI file ({_why(exc, path, shown)}). Check that the "
                             "file is a complete .nii/.nii.gz (re-export or re-copy it) and re-run ingest.") from exc
