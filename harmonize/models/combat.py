@@ -429,12 +429,14 @@ def chunk_statistics(Y_chunk: np.ndarray, design: Design, *, mean_only: bool = F
     _check_finite(Y, "the data", feature_offset)
     check_design(design, mean_only=mean_only)
     D, S, codes = design.matrix, design.n_sites, design.site_codes
-    rows = _variance_rows(design)
+    mask = _variance_rows(design)
+    # every subject (no reference site): a slice, so that no n x F copy of Y or of the residuals is made
+    rows = slice(None) if mask.all() else mask
 
     B_hat = np.linalg.solve(D.T @ D, D.T @ Y)
     grand_mean = _stand_mean(B_hat, design)
     resid = Y - D @ B_hat
-    var_pooled = (resid[rows] ** 2).sum(axis=0) / float(rows.sum())
+    var_pooled = (resid[rows] ** 2).sum(axis=0) / float(mask.sum())
     basis = Y[rows]
     constant = basis.max(axis=0) == basis.min(axis=0)
 
