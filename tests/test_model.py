@@ -92,7 +92,11 @@ def test_batch_prefetcher_order_errors_and_early_close():
     with pytest.raises(RuntimeError, match="training batch") as info:
         failing.next()
     assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(RuntimeError, match="training batch"):  # asked again: raises again, does not hang
+        failing.next()
     failing.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        loader.next()
     with pytest.raises(ValueError, match="prefetch"):
         InvariantHarmonizer(prefetch=-1).fit(None)
 

@@ -153,7 +153,7 @@ def _assert_statistics_close(got, expected):
 
 @pytest.mark.parametrize("reference_site", [None, "A", "B"])
 @pytest.mark.parametrize("mean_only", [False, True])
-@pytest.mark.parametrize("batch", [1, 7, 29, 40])
+@pytest.mark.parametrize("batch", [1, 7, 28, 29, 40])  # 28: one subject left for a last batch of one
 def test_batched_block_statistics_equal_chunk_statistics(reference_site, mean_only, batch, monkeypatch):
     from harmonize.models import voxel_combat
     from harmonize.models.combat import chunk_statistics

@@ -132,6 +132,7 @@ class BatchPrefetcher:
 
     One producer calls `make` in order, so the batches (and the random draws behind them) are exactly those
     of building them inline: training is the same, step for step, with any `depth`. depth 0 builds inline.
+    At most `depth` batches wait in the queue, plus the one being built.
     With `pin` (a CUDA device) the arrays are put in page-locked memory, which a host-to-GPU copy needs to be
     asynchronous. numpy's copies and torch's kernels release the GIL, so the two threads overlap.
     """
@@ -171,6 +172,10 @@ class BatchPrefetcher:
     def next(self) -> tuple:
         if self._depth <= 0:
             return self._build()
+        if self._stop.is_set():
+            raise RuntimeError("the batch loader is closed")
+        if self._error is not None and self._queue.empty():  # the error's sentinel was consumed already
+            raise RuntimeError("building a training batch failed") from self._error
         item = self._queue.get()
         if item is None:
             raise RuntimeError("building a training batch failed") from self._error
