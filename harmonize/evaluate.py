@@ -188,7 +188,9 @@ def error_decomposition(vols: np.ndarray, truth: np.ndarray, mask: np.ndarray, s
     error" is truth + individual error: what any extra site correction on top of these images could reach
     at best, so it separates what harmonization leaves (systematic) from what it cannot remove (per-scan
     noise, blur, bias fields and contrast that vary within a site). A diagnostic on the test subjects:
-    it uses their truth and never enters a harmonizer.
+    it uses their truth and never enters a harmonizer. The site means are those of the n test subjects of
+    each site, so the systematic part has a floor of about individual_rms / sqrt(n) even for a perfect
+    harmonizer, and the individual part is shrunk by sqrt(1 - 1/n) (slightly optimistic "without" scores).
     """
     sites = np.asarray(sites).astype(str)
     inside = np.asarray(mask, bool)
