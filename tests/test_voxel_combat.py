@@ -211,6 +211,13 @@ def test_batched_read_names_the_subjects_with_nan():
         block_statistics(images, mask, design, batch=7)
     with pytest.raises(ValueError, match=r"positions \[9, 11\]"):
         block_statistics(images, mask, design)
+    # in different batches (8-9, 10-11): the later batch's subject is named too
+    with pytest.raises(ValueError, match=r"2 subject\(s\) \(positions \[9, 11\] of this fit\)") as info:
+        block_statistics(images, mask, design, batch=2)
+    import pickle  # raised in a Dask worker, the error travels pickled
+
+    again = pickle.loads(pickle.dumps(info.value))
+    assert str(again) == str(info.value) and again.positions.tolist() == [9, 11]
 
 
 def test_distributed_fit_in_small_subject_batches_equals_in_memory(small_store, dataset, client):

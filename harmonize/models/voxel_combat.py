@@ -122,10 +122,26 @@ def _mask_subchunks(images: np.ndarray, inside: np.ndarray, start: int) -> Itera
         cols = slice(a, min(a + SUBCHUNK_VOXELS, inside.size))
         values = flat[:, cols if whole else inside[cols]].astype(np.float64)
         if not np.isfinite(values).all():  # the whole read, to name every bad subject in it
-            bad = np.flatnonzero(~np.isfinite(flat[:, inside]).all(axis=1)) + start
-            raise ValueError(f"{bad.size} subject(s) (positions {bad[:10].tolist()} of this fit) have NaN/Inf "
-                             "voxels inside the brain mask; re-ingest or exclude them")
+            raise NonFiniteSubjects(_non_finite(images, inside) + start)
         yield cols, values
+
+
+def _non_finite(images: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Positions (in this read) of the subjects with a NaN/Inf voxel inside the mask."""
+    flat = images.reshape(images.shape[0], -1)
+    return np.flatnonzero(~np.isfinite(flat[:, inside]).all(axis=1))
+
+
+class NonFiniteSubjects(ValueError):
+    """Subjects with NaN/Inf voxels inside the brain mask, by their positions in the fit."""
+
+    def __init__(self, positions: np.ndarray):
+        self.positions = np.asarray(positions, dtype=int)
+        super().__init__(f"{self.positions.size} subject(s) (positions {self.positions[:10].tolist()} of this "
+                         "fit) have NaN/Inf voxels inside the brain mask; re-ingest or exclude them")
+
+    def __reduce__(self):  # raised in a Dask worker, it travels pickled to the client
+        return (NonFiniteSubjects, (self.positions,))
 
 
 def block_statistics(images: np.ndarray | BlockReader, mask_block: np.ndarray, design: Design, *,
@@ -157,8 +173,13 @@ def block_statistics(images: np.ndarray | BlockReader, mask_block: np.ndarray, d
                 yield a, cols, values
 
     statistics = BatchedStatistics(design, inside.size, mean_only=mean_only, feature_offset=feature_offset)
-    for a, cols, values in each_subchunk():
-        statistics.add_regression(a, values, cols)
+    try:
+        for a, cols, values in each_subchunk():
+            statistics.add_regression(a, values, cols)
+    except NonFiniteSubjects as found:  # name the bad subjects of the later batches too, not just this one's
+        end = int(found.positions.max()) // batch * batch + batch
+        later = [_non_finite(_read_batch(read, a, min(a + batch, n)), inside) + a for a in range(end, n, batch)]
+        raise NonFiniteSubjects(np.concatenate([found.positions, *later])) from None
     statistics.solve()
     for a, cols, values in each_subchunk():
         statistics.add_residuals(a, values, cols)
