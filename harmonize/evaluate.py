@@ -199,15 +199,17 @@ def error_decomposition(vols: np.ndarray, truth: np.ndarray, mask: np.ndarray, s
         v = np.asarray(v, dtype=np.float64)
         return v / max(float(np.percentile(v[inside], 99)), 1e-12)
 
-    error = np.stack([scaled(v) - scaled(t) for v, t in zip(vols, truth, strict=True)])
+    truth_scaled = np.stack([scaled(t) for t in truth])
+    error = np.stack([scaled(v) for v in vols]) - truth_scaled
     systematic = np.zeros_like(error)
     per_site = {}
     for site in sorted(set(sites.tolist())):
         rows = sites == site
-        systematic[rows] = error[rows].mean(axis=0)
-        per_site[site] = float(np.sqrt(np.mean(systematic[rows][0][inside] ** 2)))
+        site_error = error[rows].mean(axis=0)
+        systematic[rows] = site_error
+        per_site[site] = float(np.sqrt(np.mean(site_error[inside] ** 2)))
     individual = error - systematic
-    without = np.stack([scaled(t) for t in truth]) + individual
+    without = truth_scaled + individual
     x = metrics.brain_matrix(without, mask, seed=seed)
     return {"systematic_rms": per_site, "systematic_rms_mean": float(np.mean(list(per_site.values()))),
             "individual_rms": float(np.sqrt(np.mean(individual[:, inside] ** 2))),
@@ -484,6 +486,14 @@ def markdown(numbers: dict) -> str:
                       f"({numbers['figures']['intensities']})", ""])
 
 
+def _error_value(row: dict, *keys: str) -> float | None:
+    """A number of a row's error split (:func:`error_decomposition`), None where the row has none."""
+    value = row.get("errors")
+    for key in keys:
+        value = (value or {}).get(key)
+    return value
+
+
 def summarize(results: Sequence[dict]) -> dict:
     """Mean ± sd over configurations of every row's numbers, and how many configurations pass each target
     (plus the target evaluated on the means)."""
@@ -507,12 +517,11 @@ def summarize(results: Sequence[dict]) -> dict:
             "seam": stats(e["seam"] for e in entries),
             "z_linear": stats((e["z_site"] or {}).get("linear") for e in entries),
             "z_mlp": stats((e["z_site"] or {}).get("mlp") for e in entries),
-            "systematic_rms": stats((e.get("errors") or {}).get("systematic_rms_mean") for e in entries),
-            "individual_rms": stats((e.get("errors") or {}).get("individual_rms") for e in entries),
+            "systematic_rms": stats(_error_value(e, "systematic_rms_mean") for e in entries),
+            "individual_rms": stats(_error_value(e, "individual_rms") for e in entries),
             "site_accuracy_without_site_error": stats(
-                ((e.get("errors") or {}).get("without_site_error") or {}).get("site_accuracy") for e in entries),
-            "age_r2_without_site_error": stats(
-                ((e.get("errors") or {}).get("without_site_error") or {}).get("age_r2") for e in entries),
+                _error_value(e, "without_site_error", "site_accuracy") for e in entries),
+            "age_r2_without_site_error": stats(_error_value(e, "without_site_error", "age_r2") for e in entries),
         }
     passes = {name: {"passed": int(sum(r["targets"][name]["pass"] for r in results)), "of": len(results),
                      "value": stats(r["targets"][name]["value"] for r in results
