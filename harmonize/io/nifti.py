@@ -28,7 +28,7 @@ class InputRejected(ValueError):
     """An input volume cannot be used; the message says which file, what is wrong and what to do."""
 
 
-_RAS_BYTES = np.eye(4).tobytes()
+_RAS = np.eye(4)  # RAS+: the orientation of an identity affine
 _SAME_AXES = np.array([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])  # an orientation transform that changes nothing
 
 
@@ -135,11 +135,16 @@ def _reorientation(shape: tuple[int, ...], affine_bytes: bytes, reference_bytes:
     return transform, new_affine, new_shape
 
 
+def _reoriented(shape, affine: np.ndarray, reference_affine: np.ndarray,
+                ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """:func:`_reorientation` for arrays (the cache needs hashable keys)."""
+    return _reorientation(tuple(int(n) for n in shape), np.asarray(affine, dtype=np.float64).tobytes(),
+                          np.asarray(reference_affine, dtype=np.float64).tobytes())
+
+
 def _to_reference(shown: str, shape, affine: np.ndarray, grid: Grid) -> np.ndarray:
     """Axis flips/permutations (lossless) that bring the file onto the reference grid, or reject."""
-    transform, new_affine, new_shape = _reorientation(
-        tuple(int(n) for n in shape), np.asarray(affine, dtype=np.float64).tobytes(),
-        np.asarray(grid.affine, dtype=np.float64).tobytes())
+    transform, new_affine, new_shape = _reoriented(shape, affine, grid.affine)
     if new_shape != tuple(grid.shape) or not np.allclose(new_affine, grid.affine, atol=AFFINE_ATOL_MM):
         vox = np.sqrt((new_affine[:3, :3] ** 2).sum(axis=0))
         ref_vox = np.asarray(grid.voxel_size)
@@ -198,8 +203,7 @@ def native_grid(path: str | os.PathLike, shown: str | None = None) -> Grid:
     _, shape, affine = _usable(path, shown)
 
     def step():  # RAS+ is the orientation of an identity affine
-        _, ras_affine, ras_shape = _reorientation(tuple(int(n) for n in shape),
-                                                  np.asarray(affine, dtype=np.float64).tobytes(), _RAS_BYTES)
+        _, ras_affine, ras_shape = _reoriented(shape, affine, _RAS)
         return Grid(ras_shape, np.array(ras_affine))
     return _interpreted(path, shown, step)
 
