@@ -123,8 +123,7 @@ class PatchCVAE(nn.Module):
 def to_device(arrays: tuple, device: torch.device) -> tuple:
     """A batch's numpy arrays as tensors on `device`; pinned host memory (see :class:`BatchPrefetcher`) is
     copied asynchronously, so the copy overlaps with the GPU's work."""
-    return tuple(None if a is None else (a if isinstance(a, torch.Tensor) else torch.from_numpy(a))
-                 .to(device, non_blocking=True) for a in arrays)
+    return tuple(None if a is None else torch.as_tensor(a).to(device, non_blocking=True) for a in arrays)
 
 
 class BatchPrefetcher:
@@ -174,9 +173,8 @@ class BatchPrefetcher:
             return self._build()
         if self._stop.is_set():
             raise RuntimeError("the batch loader is closed")
-        if self._error is not None and self._queue.empty():  # the error's sentinel was consumed already
-            raise RuntimeError("building a training batch failed") from self._error
-        item = self._queue.get()
+        # after an error only its one sentinel (None) is queued: once consumed, do not wait for another
+        item = None if self._error is not None and self._queue.empty() else self._queue.get()
         if item is None:
             raise RuntimeError("building a training batch failed") from self._error
         return item
