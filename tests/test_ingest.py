@@ -154,6 +154,18 @@ def test_missing_participants_file_is_a_clear_error(tmp_path):
         ingest(tmp_path, tmp_path / "s.zarr", None, progress=False)
 
 
+def test_comma_separated_participants_file_says_it_must_be_tab_separated(tmp_path):
+    from harmonize.io.bids import CohortError
+
+    (tmp_path / "participants.tsv").write_text("participant_id,site,age,sex\nsub-01,NYU,30,F\n")
+    with pytest.raises(CohortError, match="missing column.*must be tab-separated"):
+        ingest(tmp_path, tmp_path / "s.zarr", None, progress=False)
+    (tmp_path / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\n")  # truly missing: no hint
+    with pytest.raises(CohortError, match=r"missing column\(s\) \['site'\]") as info:
+        ingest(tmp_path, tmp_path / "s.zarr", None, progress=False)
+    assert "tab-separated" not in str(info.value)
+
+
 def test_uncompressed_volume_is_read_into_memory_not_mapped(tmp_path):
     """A .nii's voxels are read, not memory-mapped: a file truncated while its volume is in use must not be able
     to kill the worker (SIGBUS) after the checks passed."""

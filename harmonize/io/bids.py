@@ -52,8 +52,11 @@ def read_participants(bids_dir: Path) -> pd.DataFrame:
         raise CohortError(f"{tsv}: cannot be read as a tab-separated table ({exc}).") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
+        # one column holding the separators of another format: say what the format must be
+        hint = (" The file must be tab-separated (it looks comma- or semicolon-separated)."
+                if len(table.columns) == 1 and any(sep in table.columns[0] for sep in ",;") else "")
         raise CohortError(f"{tsv}: missing column(s) {missing}; found {list(table.columns)}. "
-                          f"Required: {list(REQUIRED_COLUMNS)}; optional: {list(OPTIONAL_COLUMNS)}.")
+                          f"Required: {list(REQUIRED_COLUMNS)}; optional: {list(OPTIONAL_COLUMNS)}.{hint}")
     keep = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in table.columns]
     table = table[keep].copy()  # only declared covariates travel any further
     table["participant_id"] = table["participant_id"].str.strip().str.removeprefix("sub-")
