@@ -110,7 +110,8 @@ def _check_before_fit(store: CohortStore, model) -> None:
                                    f"{' and more' if len(subjects) > 10 else ''}" for name, subjects in gaps.items())
                          + ". This model keeps age and sex effects: fill them in participants.tsv and rerun "
                            "`harmonize ingest BIDS_DIR STORE` (it updates covariates), or fit the invariant "
-                           "model without its calibration")
+                           "model without its calibration (from Python: InvariantHarmonizer(calibrate='none'); the "
+                           "CLI has no option for it)")
 
 
 def _set_current(store: CohortStore, kind: str, path: Path) -> None:
